@@ -1,0 +1,121 @@
+"""One validated configuration object for every eviction rule momentkv offers.
+
+Baselines are settings, not code paths: ``alpha=1, bias_correction=False`` is
+cumulative attention (H2O), ``alpha=0`` instantaneous attention (TOVA),
+``policy="window"`` a recency window, and ``protect_prompt=False`` with
+``sinks`` and the window policy is StreamingLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from momentkv.ops.scores import MOMENTUM, RANDOM, WINDOW
+
+POLICIES = ("momentum", "window", "random")
+CORRECTIONS = ("moments", "none")
+SCOPES = ("head", "layer")
+
+# Policy ids as the ops see them (ops take ints, not strings, so the compiled graph stays simple).
+POLICY_IDS = {"momentum": MOMENTUM, "window": WINDOW, "random": RANDOM}
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < low or (high is not None and value > high):
+        accepted = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {accepted}, got {value}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+
+
+@dataclass(frozen=True)
+class MomentKVConfig:
+    """How the budgeted cache chooses, keeps and summarises tokens.
+
+    budget: decode-time slots per layer and KV head (the cache holds ``P + budget + 1``).
+    alpha: momentum decay of each token's attention score, in [0, 1].
+    bias_correction: divide the score by the same EMA of ones (Adam-style), so new
+        tokens are not penalised for having been seen fewer times.
+    policy: "momentum" (lowest score goes), "window" (oldest goes), "random".
+    recent_window: the most recent tokens that are never evicted (<= budget).
+    correction: "moments" adds the evicted set back as a virtual key; "none" drops it.
+    protect_prompt: keep every prompt token (default); if False, prompt tokens
+        compete with decode tokens for slots, except the first ``sinks``.
+    sinks: leading prompt tokens never evicted when prompt tokens can be evicted.
+    prefill_budget: if set, prompts longer than this are compressed at prefill to
+        this many slots (SnapKV-style scoring over the last ``observation_window`` queries).
+    observation_window: prompt queries used to score prompt tokens.
+    scope: "head" evicts per KV head; "layer" shares one victim across a layer's heads.
+    prompt_bucket: prompt slots are sized in multiples of this, so that a compiled
+        decode step is reused across prompts of similar length.
+    seed: seed of the "random" policy.
+    """
+
+    budget: int
+    alpha: float = 0.9
+    bias_correction: bool = True
+    policy: str = "momentum"
+    recent_window: int = 8
+    correction: str = "moments"
+    protect_prompt: bool = True
+    sinks: int = 4
+    prefill_budget: int | None = None
+    observation_window: int = 32
+    scope: str = "head"
+    prompt_bucket: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("budget", self.budget, 1)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise TypeError(f"alpha must be a float in [0, 1], got {type(self.alpha).__name__}")
+        if math.isnan(self.alpha) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be a float in [0, 1], got {self.alpha}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        _check_bool("bias_correction", self.bias_correction)
+        _check_choice("policy", self.policy, POLICIES)
+        _check_int("recent_window", self.recent_window, 0, self.budget)
+        _check_choice("correction", self.correction, CORRECTIONS)
+        _check_bool("protect_prompt", self.protect_prompt)
+        _check_int("sinks", self.sinks, 0)
+        _check_int("observation_window", self.observation_window, 1)
+        if self.prefill_budget is not None:
+            _check_int("prefill_budget", self.prefill_budget, self.sinks + 1)
+        _check_choice("scope", self.scope, SCOPES)
+        _check_int("prompt_bucket", self.prompt_bucket, 1)
+        _check_int("seed", self.seed, 0, 2**31 - 1)
+
+    @property
+    def policy_id(self) -> int:
+        return POLICY_IDS[self.policy]
+
+    @property
+    def corrected(self) -> bool:
+        return self.correction == "moments"
+
+    def prompt_slots(self, prompt_len: int) -> int:
+        """Prompt region size for a prompt of ``prompt_len`` tokens (bucketed, capped by the prefill budget)."""
+        bucket = self.prompt_bucket
+        slots = max(1, -(-prompt_len // bucket)) * bucket
+        if self.prefill_budget is not None:
+            slots = min(slots, self.prefill_budget)
+        return slots
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

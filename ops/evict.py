@@ -1,0 +1,71 @@
+"""``momentkv::evict``: when the decode region is over budget, drop each head's lowest-scored slot.
+
+The victim is folded into the moments and its slot becomes the next write target.
+Nothing is branched on the host: before the budget is reached the op is a masked no-op,
+so one compiled decode step serves every step of a generation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .moments import fold_token
+from .scores import eviction_score
+
+
+@torch.library.custom_op(
+    "momentkv::evict", mutates_args=("valid", "n", "mu_k", "mu_v", "comoment", "free_slot")
+)
+def evict(
+    keys: Tensor,
+    values: Tensor,
+    valid: Tensor,
+    evictable: Tensor,
+    importance: Tensor,
+    normalizer: Tensor,
+    positions: Tensor,
+    n: Tensor,
+    mu_k: Tensor,
+    mu_v: Tensor,
+    comoment: Tensor,
+    free_slot: Tensor,
+    decode_len: Tensor,
+    seen: Tensor,
+    budget: int,
+    policy: int,
+    bias_correction: bool,
+    recent_window: int,
+    shared: bool,
+    seed: int,
+    fold: bool,
+) -> None:
+    """keys [B, H, S, Dk], values [B, H, S, Dv]; valid, evictable bool [B, H, S]; importance,
+    normalizer fp32 [B, H, S]; positions int64 [B, H, S]; moments as in decode_attention;
+    free_slot int64 [B, H]; decode_len, seen int64 scalars (decode tokens written, tokens seen).
+
+    Evicts iff ``decode_len > budget``. Candidates are valid, evictable slots older than the
+    ``recent_window`` newest tokens. ``shared`` averages scores over heads and evicts one slot
+    per sequence in every head. ``fold`` keeps the moments (off when no correction is used).
+    This body is the plain-PyTorch kernel (every device; the reference for the others)."""
+    over = decode_len > budget
+    candidates = valid & evictable & (positions < seen - recent_window)
+    score = eviction_score(policy, importance, normalizer, positions, seen, bias_correction, seed)
+    if shared:
+        candidates = candidates.all(dim=1, keepdim=True).expand_as(candidates)
+        score = score.mean(dim=1, keepdim=True).expand_as(score)
+    victim = score.masked_fill(~candidates, float("inf")).argmin(dim=-1)
+    gate = over & candidates.any(dim=-1)
+    slot = victim[..., None]
+    valid.scatter_(-1, slot, valid.gather(-1, slot) & ~gate[..., None])
+    free_slot.copy_(torch.where(gate, victim, free_slot))
+    if fold:
+        k = keys.gather(2, slot[..., None].expand(-1, -1, 1, keys.shape[-1])).squeeze(2)
+        v = values.gather(2, slot[..., None].expand(-1, -1, 1, values.shape[-1])).squeeze(2)
+        fold_token(n, mu_k, mu_v, comoment, k, v, gate)
+
+
+@evict.register_fake
+def _(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, comoment, free_slot,
+      decode_len, seen, budget, policy, bias_correction, recent_window, shared, seed, fold):
+    return None

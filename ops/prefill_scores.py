@@ -1,0 +1,45 @@
+"""``momentkv::prefill_scores``: momentum state of prompt tokens from the last prompt queries.
+
+SnapKV-style: the last ``W`` queries of the prompt score every prompt key; the
+momentum recurrence runs over them, so a prompt token enters decoding with the
+same kind of score a decode token has. Used to compress the prompt to a prefill
+budget and to let prompt tokens compete with decode tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.library.custom_op("momentkv::prefill_scores", mutates_args=())
+def prefill_scores(
+    query: Tensor, keys: Tensor, key_valid: Tensor, scale: float, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """query [B, Hq, W, Dk]: the last W prompt queries; keys [B, Hkv, L, Dk]; key_valid bool [B, L].
+
+    Query t sits at position L - W + t and sees keys up to it (causal) that are valid.
+    Returns (importance, normalizer), fp32 [B, Hkv, L]: sum_t alpha^(W-1-t) p_t and
+    sum_t alpha^(W-1-t) [key visible to t], p_t averaged over the GQA group.
+    This body is the plain-PyTorch kernel (every device; the reference for the others)."""
+    b, hq, w, dk = query.shape
+    hkv, length = keys.shape[1], keys.shape[2]
+    q = query.float().view(b, hkv, hq // hkv, w, dk)
+    logits = torch.einsum("bhgtd,bhld->bhgtl", q, keys.float()) * scale
+    query_pos = torch.arange(length - w, length, device=keys.device)
+    visible = (torch.arange(length, device=keys.device)[None, :] <= query_pos[:, None])[None] & key_valid[:, None, :]
+    logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
+    peak = logits.amax(-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    weights = torch.exp(logits - peak)
+    probs = (weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)).mean(dim=2)
+    decay = torch.pow(torch.full((w,), alpha, device=keys.device), torch.arange(w - 1, -1, -1, device=keys.device))
+    importance = torch.einsum("t,bhtl->bhl", decay, probs)
+    normalizer = torch.einsum("t,btl->bl", decay, visible.float())[:, None].expand(b, hkv, length).contiguous()
+    return importance, normalizer
+
+
+@prefill_scores.register_fake
+def _(query, keys, key_valid, scale, alpha):
+    shape = (keys.shape[0], keys.shape[1], keys.shape[2])
+    return keys.new_empty(shape, dtype=torch.float32), keys.new_empty(shape, dtype=torch.float32)
