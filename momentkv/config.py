@@ -49,7 +49,8 @@ class MomentKVConfig:
     bias_correction: divide the score by the same EMA of ones (Adam-style), so new
         tokens are not penalised for having been seen fewer times.
     policy: "momentum" (lowest score goes), "window" (oldest goes), "random".
-    recent_window: the most recent tokens that are never evicted (<= budget).
+    recent_window: the most recent tokens that are never evicted (<= budget);
+        default ``min(8, budget // 2)``.
     correction: "moments" adds the evicted set back as a virtual key; "none" drops it.
     protect_prompt: keep every prompt token (default); if False, prompt tokens
         compete with decode tokens for slots, except the first ``sinks``.
@@ -67,7 +68,7 @@ class MomentKVConfig:
     alpha: float = 0.9
     bias_correction: bool = True
     policy: str = "momentum"
-    recent_window: int = 8
+    recent_window: int | None = None
     correction: str = "moments"
     protect_prompt: bool = True
     sinks: int = 4
@@ -86,6 +87,8 @@ class MomentKVConfig:
         object.__setattr__(self, "alpha", float(self.alpha))
         _check_bool("bias_correction", self.bias_correction)
         _check_choice("policy", self.policy, POLICIES)
+        if self.recent_window is None:
+            object.__setattr__(self, "recent_window", min(8, self.budget // 2))
         _check_int("recent_window", self.recent_window, 0, self.budget)
         _check_choice("correction", self.correction, CORRECTIONS)
         _check_bool("protect_prompt", self.protect_prompt)

@@ -1,0 +1,49 @@
+import math
+
+import pytest
+
+from momentkv import MomentKVConfig
+
+
+@pytest.mark.parametrize(
+    "options, error, words",
+    [
+        ({"budget": 0}, ValueError, "budget"),
+        ({"budget": -3}, ValueError, "budget"),
+        ({"budget": 2.5}, TypeError, "budget"),
+        ({"budget": True}, TypeError, "budget"),
+        ({"budget": 8, "alpha": 1.5}, ValueError, "alpha"),
+        ({"budget": 8, "alpha": -0.1}, ValueError, "alpha"),
+        ({"budget": 8, "alpha": math.nan}, ValueError, "alpha"),
+        ({"budget": 8, "alpha": "0.9"}, TypeError, "alpha"),
+        ({"budget": 8, "policy": "lru"}, ValueError, "policy"),
+        ({"budget": 8, "correction": "second-order"}, ValueError, "correction"),
+        ({"budget": 8, "recent_window": 9}, ValueError, "recent_window"),
+        ({"budget": 8, "recent_window": -1}, ValueError, "recent_window"),
+        ({"budget": 8, "sinks": -1}, ValueError, "sinks"),
+        ({"budget": 8, "prefill_budget": 4, "sinks": 4}, ValueError, "prefill_budget"),
+        ({"budget": 8, "scope": "model"}, ValueError, "scope"),
+        ({"budget": 8, "prompt_bucket": 0}, ValueError, "prompt_bucket"),
+        ({"budget": 8, "observation_window": 0}, ValueError, "observation_window"),
+        ({"budget": 8, "protect_prompt": "yes"}, TypeError, "protect_prompt"),
+        ({"budget": 8, "bias_correction": 1}, TypeError, "bias_correction"),
+    ],
+)
+def test_invalid_values_name_the_parameter(options, error, words):
+    with pytest.raises(error, match=words):
+        MomentKVConfig(**options)
+
+
+def test_baselines_are_settings():
+    assert MomentKVConfig(budget=8, alpha=1, bias_correction=False).alpha == 1.0
+    assert MomentKVConfig(budget=8, alpha=0).alpha == 0.0
+    assert MomentKVConfig(budget=8, policy="window", protect_prompt=False, sinks=4).policy_id == 1
+
+
+@pytest.mark.parametrize("length, bucket, prefill_budget, slots", [
+    (1, 64, None, 64), (64, 64, None, 64), (65, 64, None, 128), (300, 1, None, 300), (300, 64, 100, 100),
+    (50, 64, 100, 64),
+])
+def test_prompt_slots_are_bucketed_and_capped(length, bucket, prefill_budget, slots):
+    config = MomentKVConfig(budget=8, prompt_bucket=bucket, prefill_budget=prefill_budget)
+    assert config.prompt_slots(length) == slots

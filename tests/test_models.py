@@ -1,0 +1,132 @@
+"""momentkv on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers import MaxLengthCriteria, StoppingCriteria, StoppingCriteriaList
+
+import momentkv
+from conftest import ARCHITECTURES, left_padded_batch
+
+
+def greedy(model, ids, mask, new_tokens, **kwargs):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_exact_when_budget_covers_the_generation(tiny_model, arch):
+    model = tiny_model(arch)
+    ids, mask = left_padded_batch()
+    expected = greedy(model, ids, mask, 24)
+    single = greedy(model, ids[1:2, -5:], mask[1:2, -5:], 24)
+    with momentkv.patched(model, budget=24, recent_window=4, prompt_bucket=16):
+        assert torch.equal(greedy(model, ids, mask, 24), expected)
+        assert torch.equal(greedy(model, ids[1:2, -5:], mask[1:2, -5:], 24), single)
+    assert torch.equal(greedy(model, ids, mask, 24), expected), "unpatching must restore the model"
+
+
+class BudgetProbe(StoppingCriteria):
+    """Checks the cache after every step: never more than prompt + budget tokens per head, fixed buffers."""
+
+    def __init__(self, model, budget):
+        self.model, self.budget, self.steps = model, budget, 0
+        self.prompt = self.addresses = self.nbytes = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        cache = momentkv.state_of(self.model).active
+        layers = cache.budgeted_layers
+        if self.prompt is None:
+            self.prompt = [layer.valid[..., : layer.prompt_slots].sum(-1).clone() for layer in layers]
+            self.addresses = [[t.data_ptr() for t in layer.buffers()] for layer in layers]
+            self.nbytes = cache.nbytes()
+        for layer, prompt, addresses in zip(layers, self.prompt, self.addresses):
+            assert layer.keys.shape[2] == layer.prompt_slots + self.budget + 1
+            stored = layer.valid.sum(-1)
+            assert (stored <= prompt + self.budget).all()
+            assert [t.data_ptr() for t in layer.buffers()] == addresses
+            assert torch.isfinite(layer.mu_k).all() and torch.isfinite(layer.comoment).all()
+        assert cache.nbytes() == self.nbytes
+        self.steps += 1
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+SETTINGS = [
+    dict(policy="momentum"),
+    dict(policy="momentum", alpha=1.0, bias_correction=False, recent_window=0),
+    dict(policy="momentum", alpha=0.0, scope="layer"),
+    dict(policy="window", correction="none"),
+    dict(policy="random", seed=7),
+    dict(policy="window", protect_prompt=False, sinks=2, recent_window=1),
+    dict(policy="momentum", protect_prompt=False, sinks=2, scope="layer", correction="none"),
+    dict(policy="momentum", prefill_budget=6, sinks=2, recent_window=2),
+]
+
+
+@pytest.mark.parametrize("arch, settings", list(itertools.product(["llama", "gemma3"], SETTINGS))
+                         + [(arch, SETTINGS[0]) for arch in ARCHITECTURES if arch not in ("llama", "gemma3")])
+def test_small_budget_stays_bounded(tiny_model, arch, settings):
+    settings = dict(settings)
+    model = tiny_model(arch)
+    ids, mask = left_padded_batch()
+    budget = 4
+    with momentkv.patched(model, budget=budget, recent_window=settings.pop("recent_window", 2), prompt_bucket=8,
+                          **settings):
+        probe = BudgetProbe(model, budget)
+        out = greedy(model, ids, mask, 30, stopping_criteria=StoppingCriteriaList([probe]))
+        cache = momentkv.state_of(model).cache
+    assert out.shape == (3, ids.shape[1] + 30) and probe.steps == 30
+    layer = cache.budgeted_layers[0]
+    prompt_tokens = mask.sum(-1)
+    stored = layer.valid.sum(-1)
+    if settings.get("prefill_budget"):
+        assert (stored <= settings["prefill_budget"] + budget).all()
+    else:
+        assert (stored == prompt_tokens[:, None] + budget).all()
+        evicted = (ids.shape[1] + 29) - (ids.shape[1] - prompt_tokens)[:, None] - stored
+        if settings.get("correction", "moments") == "moments":
+            assert torch.equal(layer.n, evicted.float())
+
+
+def test_memory_does_not_grow_with_generation_length(tiny_model):
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    with momentkv.patched(model, budget=4, prompt_bucket=16):
+        greedy(model, ids, mask, 8)
+        cache = momentkv.state_of(model).cache
+        short = cache.nbytes()
+        greedy(model, ids, mask, 60)
+        assert momentkv.state_of(model).cache is cache, "same shape must reuse the same buffers"
+        assert cache.nbytes() == short
+        layer = cache.budgeted_layers[0]
+        assert short == len(cache.budgeted_layers) * layer.nbytes()
+        assert layer.keys.shape == (3, 2, 16 + 4 + 1, 16)
+
+
+def test_sampling_and_stopping_criteria_run(tiny_model):
+    model = tiny_model("qwen2")
+    ids, mask = left_padded_batch()
+    with momentkv.patched(model, budget=4, recent_window=1, prompt_bucket=8):
+        torch.manual_seed(0)
+        sampled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=20,
+                                 temperature=0.8, pad_token_id=0)
+        stop = StoppingCriteriaList([MaxLengthCriteria(max_length=ids.shape[1] + 5)])
+        stopped = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=50, pad_token_id=0,
+                                 stopping_criteria=stop)
+    assert sampled.shape[1] == ids.shape[1] + 12
+    assert stopped.shape[1] == ids.shape[1] + 5
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_tiny_models_are_sensitive_to_the_cache(tiny_model, arch):
+    """Guards the exactness test above: on these models a tiny budget does change greedy output."""
+    model = tiny_model(arch)
+    ids, mask = left_padded_batch()
+    expected = greedy(model, ids, mask, 40)
+    with momentkv.patched(model, budget=2, recent_window=1, prompt_bucket=4, correction="none"):
+        squeezed = greedy(model, ids, mask, 40)
+    assert expected[:, ids.shape[1]:].unique().numel() > 8
+    assert not torch.equal(squeezed, expected)
