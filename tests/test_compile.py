@@ -1,0 +1,33 @@
+"""The decode step compiles as one graph: no graph break, no recompile as the generation grows or restarts."""
+
+from __future__ import annotations
+
+import torch
+from torch._dynamo.utils import counters
+
+import momentkv
+from conftest import left_padded_batch
+
+
+def test_compiled_decode_is_one_graph_and_matches_eager(tiny_model):
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    pad = torch.zeros(ids.shape[0], 2, dtype=ids.dtype)
+    kwargs = dict(input_ids=torch.cat([pad, ids], 1), attention_mask=torch.cat([pad, mask], 1), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                  pad_token_id=0)
+    with momentkv.patched(model, budget=8, prompt_bucket=16):
+        eager = model.generate(**kwargs)
+    torch._dynamo.reset()
+    counters.clear()
+    with momentkv.patched(model, budget=8, prompt_bucket=16, compile=True), \
+            torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = model.generate(**kwargs)  # 40 decode steps through the compiled step (fullgraph=True)
+        assert counters["stats"]["unique_graphs"] == 1
+        cache = momentkv.state_of(model).cache
+        again = model.generate(**kwargs)  # reset in place, same shapes: nothing recompiles
+        assert momentkv.state_of(model).cache is cache
+        shorter = model.generate(**{**kwargs, "input_ids": ids, "attention_mask": mask})  # same prompt bucket
+        assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+    assert torch.equal(shorter[:, -40:], eager[:, -40:]), "only padding differs: the answers are the same"
