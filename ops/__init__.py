@@ -4,11 +4,14 @@ Importing registers the ops under the ``momentkv`` namespace; nothing in torch o
 transformers changes otherwise.
 """
 
+from .cpu import register_fused_cpu_kernels
 from .decode_attention import decode_attention
 from .evict import evict
 from .moments import fold_token, merge_set
 from .prefill_scores import prefill_scores
 from .scores import MOMENTUM, RANDOM, WINDOW, eviction_score
+
+FUSED_CPU = register_fused_cpu_kernels()
 
 __all__ = [
     "MOMENTUM",

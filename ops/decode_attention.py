@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 
-@torch.library.custom_op("momentkv::decode_attention", mutates_args=("importance", "normalizer"))
-def decode_attention(
+def decode_attention_reference(
     query: Tensor,
     keys: Tensor,
     values: Tensor,
@@ -32,34 +31,40 @@ def decode_attention(
     importance, normalizer fp32 [B, Hkv, S], updated in place: I = alpha I + p, Z = alpha Z + 1 on valid slots.
     Returns the attention output [B, Hq, Dv] in the query's dtype.
 
-    This body is the plain-PyTorch kernel (every device; the reference for the others)."""
+    The plain-PyTorch kernel: runs on every device and is the reference for the others."""
     b, hq, dk = query.shape
     hkv = keys.shape[1]
     q = query.float().view(b, hkv, hq // hkv, dk)
-    logits = torch.einsum("bhgd,bhsd->bhgs", q, keys.float()) * scale
-    logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-    if corrected:
-        count = n.clamp_min(1.0)
-        virtual_logit = torch.log(count)[..., None] + scale * torch.einsum("bhgd,bhd->bhg", q, mu_k)
-        virtual_logit = virtual_logit.masked_fill((n <= 0)[..., None], float("-inf"))
-        logits = torch.cat([logits, virtual_logit[..., None]], dim=-1)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)).mul_(scale)
+    logits.masked_fill_(~valid.unsqueeze(2), float("-inf"))
     peak = logits.amax(-1, keepdim=True)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    if corrected:
+        # The evicted set as one virtual key: log-weight log n + s q.mu_k (first order around mu_k).
+        virtual_logit = torch.matmul(q, mu_k.unsqueeze(-1)).mul_(scale)
+        virtual_logit.add_(torch.log(n.clamp_min(1.0))[..., None, None]).masked_fill_((n <= 0)[..., None, None],
+                                                                                    float("-inf"))
+        peak = torch.maximum(peak, virtual_logit)
+    peak.clamp_(min=torch.finfo(torch.float32).min)  # a row with nothing to attend gives 0, not NaN
     weights = torch.exp(logits - peak)
-    total = weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    slots = keys.shape[2]
-    out = torch.einsum("bhgs,bhsv->bhgv", weights[..., :slots], values.float())
+    total = weights.sum(-1, keepdim=True)
+    out = torch.matmul(weights, values.float())
     if corrected:
         # sum_j exp(s q.k_j) v_j ~= exp(s q.mu_k) (n mu_v + s C q) = w_E (mu_v + (s / n) C q)
-        virtual_value = mu_v[:, :, None, :] + (scale / n.clamp_min(1.0))[..., None, None] * torch.einsum(
-            "bhvk,bhgk->bhgv", comoment, q
-        )
-        out = out + weights[..., slots:] * virtual_value
+        virtual_weight = torch.exp(virtual_logit - peak)
+        total = total + virtual_weight
+        correction = torch.matmul(q, comoment.transpose(-1, -2)).mul_((scale / n.clamp_min(1.0))[..., None, None])
+        out = out + virtual_weight * (correction + mu_v.unsqueeze(2))
+    total.clamp_(min=torch.finfo(torch.float32).tiny)
     out = out / total
-    probs = (weights[..., :slots] / total).mean(dim=2)
-    importance.copy_(torch.where(valid, alpha * importance + probs, importance))
-    normalizer.copy_(torch.where(valid, alpha * normalizer + 1.0, normalizer))
+    probs = (weights / total).mean(dim=2)
+    importance.copy_(torch.where(valid, importance * alpha + probs, importance))
+    normalizer.copy_(torch.where(valid, normalizer * alpha + 1.0, normalizer))
     return out.reshape(b, hq, -1).to(query.dtype)
+
+
+decode_attention = torch.library.custom_op(
+    "momentkv::decode_attention", decode_attention_reference, mutates_args=("importance", "normalizer")
+)
 
 
 @decode_attention.register_fake

@@ -14,10 +14,7 @@ from .moments import fold_token
 from .scores import eviction_score
 
 
-@torch.library.custom_op(
-    "momentkv::evict", mutates_args=("valid", "n", "mu_k", "mu_v", "comoment", "free_slot")
-)
-def evict(
+def evict_reference(
     keys: Tensor,
     values: Tensor,
     valid: Tensor,
@@ -47,7 +44,7 @@ def evict(
     Evicts iff ``decode_len > budget``. Candidates are valid, evictable slots older than the
     ``recent_window`` newest tokens. ``shared`` averages scores over heads and evicts one slot
     per sequence in every head. ``fold`` keeps the moments (off when no correction is used).
-    This body is the plain-PyTorch kernel (every device; the reference for the others)."""
+    The plain-PyTorch kernel: runs on every device and is the reference for the others."""
     over = decode_len > budget
     candidates = valid & evictable & (positions < seen - recent_window)
     score = eviction_score(policy, importance, normalizer, positions, seen, bias_correction, seed)
@@ -63,6 +60,11 @@ def evict(
         k = keys.gather(2, slot[..., None].expand(-1, -1, 1, keys.shape[-1])).squeeze(2)
         v = values.gather(2, slot[..., None].expand(-1, -1, 1, values.shape[-1])).squeeze(2)
         fold_token(n, mu_k, mu_v, comoment, k, v, gate)
+
+
+evict = torch.library.custom_op(
+    "momentkv::evict", evict_reference, mutates_args=("valid", "n", "mu_k", "mu_v", "comoment", "free_slot")
+)
 
 
 @evict.register_fake

@@ -12,8 +12,7 @@ import torch
 from torch import Tensor
 
 
-@torch.library.custom_op("momentkv::prefill_scores", mutates_args=())
-def prefill_scores(
+def prefill_scores_reference(
     query: Tensor, keys: Tensor, key_valid: Tensor, scale: float, alpha: float
 ) -> tuple[Tensor, Tensor]:
     """query [B, Hq, W, Dk]: the last W prompt queries; keys [B, Hkv, L, Dk]; key_valid bool [B, L].
@@ -21,7 +20,7 @@ def prefill_scores(
     Query t sits at position L - W + t and sees keys up to it (causal) that are valid.
     Returns (importance, normalizer), fp32 [B, Hkv, L]: sum_t alpha^(W-1-t) p_t and
     sum_t alpha^(W-1-t) [key visible to t], p_t averaged over the GQA group.
-    This body is the plain-PyTorch kernel (every device; the reference for the others)."""
+    The plain-PyTorch kernel: runs on every device and is the reference for the others."""
     b, hq, w, dk = query.shape
     hkv, length = keys.shape[1], keys.shape[2]
     q = query.float().view(b, hkv, hq // hkv, w, dk)
@@ -37,6 +36,9 @@ def prefill_scores(
     importance = torch.einsum("t,bhtl->bhl", decay, probs)
     normalizer = torch.einsum("t,btl->bl", decay, visible.float())[:, None].expand(b, hkv, length).contiguous()
     return importance, normalizer
+
+
+prefill_scores = torch.library.custom_op("momentkv::prefill_scores", prefill_scores_reference, mutates_args=())
 
 
 @prefill_scores.register_fake

@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from momentkv.ops import decode_attention, evict
+
+from momentkv.ops.kernels import call
 
 from .cache import BudgetedLayer, MomentKVCache
 
@@ -30,16 +31,12 @@ def key_validity(attention_mask: Tensor | None, key: Tensor) -> Tensor:
 def decode_step(layer: BudgetedLayer, query: Tensor, scale: float) -> Tensor:
     """Attention of one new token over a budgeted layer, then eviction if over budget. Returns [B, 1, Hq, Dv]."""
     cfg = layer.config
-    out = decode_attention(
-        query[:, :, 0], layer.keys, layer.values, layer.valid, layer.n, layer.mu_k, layer.mu_v, layer.comoment,
-        layer.importance, layer.normalizer, scale, cfg.alpha, cfg.corrected,
-    )
-    evict(
-        layer.keys, layer.values, layer.valid, layer.evictable, layer.importance, layer.normalizer, layer.positions,
-        layer.n, layer.mu_k, layer.mu_v, layer.comoment, layer.free_slot, layer.decode_len, layer.seen,
-        cfg.budget, cfg.policy_id, cfg.bias_correction, cfg.recent_window, cfg.scope == "layer", cfg.seed,
-        cfg.corrected,
-    )
+    moments = (layer.n, layer.mu_k, layer.mu_v, layer.comoment)
+    out = call("decode_attention", query[:, :, 0], layer.keys, layer.values, layer.valid, *moments,
+               layer.importance, layer.normalizer, scale, cfg.alpha, cfg.corrected)
+    call("evict", layer.keys, layer.values, layer.valid, layer.evictable, layer.importance, layer.normalizer,
+         layer.positions, *moments, layer.free_slot, layer.decode_len, layer.seen, cfg.budget, cfg.policy_id,
+         cfg.bias_correction, cfg.recent_window, cfg.scope == "layer", cfg.seed, cfg.corrected)
     return out.unsqueeze(1)
 
 

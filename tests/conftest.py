@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests run the eager reference kernels (no per-shape inductor compile); test_cpu_kernels checks the fused ones.
+os.environ.setdefault("MOMENTKV_CPU_KERNEL", "reference")
+
 import pytest
 import torch
 import transformers

@@ -1,0 +1,35 @@
+"""The ``momentkv`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="momentkv", description="Fixed-size KV cache for transformers")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="long answer from SmolLM2-135M-Instruct with a small budget (offline)")
+    demo.add_argument("--budget", type=int, default=64, help="decode slots per layer and KV head (default 64)")
+    demo.add_argument("--new-tokens", type=int, default=512, help="tokens to generate (default 512)")
+    demo.add_argument("--prompt", help="the user message (default: a long-essay request)")
+    demo.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
+    demo.add_argument("--json", help="also write the summary to this file")
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from momentkv.demo import PROMPT, run_demo
+
+        if args.new_tokens < 1:
+            parser.error("--new-tokens must be >= 1")
+        summary = run_demo(budget=args.budget, new_tokens=args.new_tokens, prompt=args.prompt or PROMPT,
+                           compile=args.compile)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
