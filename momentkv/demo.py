@@ -56,8 +56,10 @@ def run_demo(budget: int = 64, new_tokens: int = 512, prompt: str = PROMPT, comp
     model, tokenizer = load_smollm2()
     inputs = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt")
     prompt_len = inputs["input_ids"].shape[1]
+    generate(model, inputs, 4, "warm-up")  # one-off costs (allocation, kernel compilation) stay out of tok/s
     full = generate(model, inputs, new_tokens, "full cache")
     with momentkv.patched(model, budget=budget, compile=compile):
+        generate(model, inputs, 4, "warm-up")
         budgeted = generate(model, inputs, new_tokens, f"momentkv budget={budget}")
         cache = momentkv.state_of(model).cache
         layer = cache.budgeted_layers[0]
