@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import transformers
 from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -69,6 +70,11 @@ def run_demo(budget: int = 64, new_tokens: int = 512, prompt: str = PROMPT, comp
     print()
     kv_full = 2 * (prompt_len + len(full.tokens)) * layer.keys.shape[1] * layer.keys.shape[-1] * 4 * len(cache.layers)
     summary = {
+        "versions": {"momentkv": momentkv.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "device": f"cpu, {torch.get_num_threads()} threads" if model.device.type == "cpu" else str(model.device),
+        "budget": budget,
+        "compile": compile,
         "prompt_tokens": prompt_len,
         "generated_tokens": len(budgeted.tokens),
         "slots_per_layer_and_head": layer.num_slots,
