@@ -4,6 +4,10 @@ Importing registers the ops under the ``momentkv`` namespace; nothing in torch o
 transformers changes otherwise.
 """
 
+import importlib.util
+
+import torch
+
 from .cpu import register_fused_cpu_kernels
 from .decode_attention import decode_attention
 from .evict import evict
@@ -12,6 +16,19 @@ from .prefill_scores import prefill_scores
 from .scores import MOMENTUM, RANDOM, WINDOW, eviction_score
 
 FUSED_CPU = register_fused_cpu_kernels()
+
+
+def _register_cuda() -> bool:
+    """Triton kernels for CUDA tensors, where both are available (the reference runs otherwise)."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return False
+    from .cuda import register_triton_kernels
+
+    register_triton_kernels()
+    return True
+
+
+TRITON_CUDA = _register_cuda()
 
 __all__ = [
     "MOMENTUM",

@@ -1,0 +1,182 @@
+"""Triton kernel of ``momentkv::decode_attention``: split-K (flash-decoding) over the slots.
+
+Three launches: (1) each (sequence, KV head, split) attends its GQA group's queries to a
+range of slots with an online softmax, keeping the raw logits; (2) per (sequence, KV head)
+the splits merge with the evicted set's virtual key through log-sum-exp; (3) per block of
+slots, the final probabilities, averaged over the group, update the momentum scores.
+K and V are read once; the logits add G fp32 per slot (a few percent of K/V traffic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_support import dots_in_fp32
+
+BLOCK_S = 64
+TARGET_PROGRAMS = 264  # about two waves on an H100's 132 SMs
+
+
+@triton.jit
+def _split_kernel(Q, K, V, VALID, LOGITS, PART_M, PART_L, PART_ACC,
+                  S, SPLIT, NS, scale,
+                  sqb, sqh, skb, skh, sks, svb, svh, svs, sab, sah,
+                  HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                  BLOCK: tl.constexpr, FP32: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    gmask = g < G
+    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None], other=0.0)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, DV], tl.float32)
+    start = split * SPLIT
+    for s0 in range(start, start + SPLIT, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        smask = s < S
+        ok = tl.load(VALID + b * sab + h * sah + s, mask=smask, other=0) != 0
+        k = tl.load(K + b * skb + h * skh + s[:, None] * sks + d[None, :], mask=smask[:, None], other=0.0)
+        if FP32:
+            logits = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        else:
+            logits = tl.dot(q, tl.trans(k)) * scale
+        logits = tl.where(ok[None, :] & gmask[:, None], logits, float("-inf"))
+        tl.store(LOGITS + (bh * BLOCK_G + g)[:, None] * S + s[None, :], logits, mask=gmask[:, None] & smask[None, :])
+        m_new = tl.maximum(m, tl.max(logits, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m - m_safe)
+        p = tl.exp(logits - m_safe[:, None])
+        l = l * rescale + tl.sum(p, 1)
+        v = tl.load(V + b * svb + h * svh + s[:, None] * svs + dv[None, :], mask=smask[:, None], other=0.0)
+        if FP32:
+            acc = acc * rescale[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    part = bh * NS + split
+    tl.store(PART_M + part * BLOCK_G + g, m)
+    tl.store(PART_L + part * BLOCK_G + g, l)
+    tl.store(PART_ACC + (part * BLOCK_G + g)[:, None] * DV + dv[None, :], acc)
+
+
+@triton.jit
+def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_M, FINAL_L,
+                    NS, scale, sqb, sqh, sob, soh,
+                    HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                    NS_P2: tl.constexpr, BLOCK_DV: tl.constexpr, CORRECTED: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < G
+    i = tl.arange(0, NS_P2)
+    imask = i < NS
+    rows = (bh * NS + i)[:, None] * BLOCK_G + g[None, :]
+    pm = tl.load(PART_M + rows, mask=imask[:, None], other=float("-inf"))
+    pl = tl.load(PART_L + rows, mask=imask[:, None], other=0.0)
+    m = tl.max(pm, 0)
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+    count = tl.load(N + bh)
+    if CORRECTED:
+        mu_k = tl.load(MU_K + bh * D + d)
+        virtual = tl.log(tl.maximum(count, 1.0)) + scale * tl.sum(q * mu_k[None, :], 1)
+        virtual = tl.where(count > 0, virtual, float("-inf"))
+        m = tl.maximum(m, virtual)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(pm - m_safe[None, :])
+    total = tl.sum(w * pl, 0)
+    if CORRECTED:
+        w_virtual = tl.exp(virtual - m_safe)
+        total += w_virtual
+    total = tl.maximum(total, 1.1754943508222875e-38)
+    tl.store(FINAL_M + bh * BLOCK_G + g, m_safe)
+    tl.store(FINAL_L + bh * BLOCK_G + g, total)
+    for c0 in range(0, DV, BLOCK_DV):
+        c = c0 + tl.arange(0, BLOCK_DV)
+        acc = tl.load(PART_ACC + rows[:, :, None] * DV + c[None, None, :], mask=imask[:, None, None], other=0.0)
+        out = tl.sum(w[:, :, None] * acc, 0)
+        if CORRECTED:
+            mu_v = tl.load(MU_V + bh * DV + c)
+            com = tl.load(COM + bh * DV * D + c[:, None] * D + d[None, :])
+            cq = tl.dot(q, tl.trans(com), input_precision="ieee")
+            out += w_virtual[:, None] * (mu_v[None, :] + (scale / tl.maximum(count, 1.0)) * cq)
+        out = out / total[:, None]
+        tl.store(OUT + b * sob + (h * G + g)[:, None] * soh + c[None, :], out.to(OUT.dtype.element_ty),
+                 mask=gmask[:, None])
+
+
+@triton.jit
+def _momentum_kernel(LOGITS, FINAL_M, FINAL_L, VALID, IMP, NORM, S, alpha, sab, sah, sib, sih,
+                     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    smask = s < S
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < G
+    m = tl.load(FINAL_M + bh * BLOCK_G + g)
+    total = tl.load(FINAL_L + bh * BLOCK_G + g)
+    logits = tl.load(LOGITS + (bh * BLOCK_G + g)[:, None] * S + s[None, :], mask=gmask[:, None] & smask[None, :],
+                     other=float("-inf"))
+    p = tl.exp(logits - m[:, None]) / total[:, None]
+    mean = tl.sum(tl.where(gmask[:, None], p, 0.0), 0) / G
+    ok = tl.load(VALID + b * sab + h * sah + s, mask=smask, other=0) != 0
+    imp = tl.load(IMP + b * sib + h * sih + s, mask=smask, other=0.0)
+    norm = tl.load(NORM + b * sib + h * sih + s, mask=smask, other=0.0)
+    tl.store(IMP + b * sib + h * sih + s, tl.where(ok, alpha * imp + mean, imp), mask=smask)
+    tl.store(NORM + b * sib + h * sih + s, tl.where(ok, alpha * norm + 1.0, norm), mask=smask)
+
+
+def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: Tensor, n: Tensor, mu_k: Tensor,
+                            mu_v: Tensor, comoment: Tensor, importance: Tensor, normalizer: Tensor, scale: float,
+                            alpha: float, corrected: bool) -> Tensor:
+    """Same contract as the reference ``decode_attention``."""
+    b, hq, d = query.shape
+    hkv, slots, dv = keys.shape[1], keys.shape[2], values.shape[-1]
+    g = hq // hkv
+    block_g = max(16, triton.next_power_of_2(g))
+    query, keys, values = query.contiguous(), keys.contiguous(), values.contiguous()
+    valid = valid.contiguous().view(torch.uint8)
+    n, mu_k, mu_v, comoment = (t.contiguous() for t in (n, mu_k, mu_v, comoment))
+    blocks = triton.cdiv(slots, BLOCK_S)
+    splits = max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, b * hkv)))
+    split = triton.cdiv(blocks, splits) * BLOCK_S
+    splits = triton.cdiv(slots, split)
+    f32 = dict(dtype=torch.float32, device=query.device)
+    logits = torch.empty(b * hkv, block_g, slots, **f32)
+    part_m = torch.empty(b * hkv, splits, block_g, **f32)
+    part_l = torch.empty(b * hkv, splits, block_g, **f32)
+    part_acc = torch.empty(b * hkv, splits, block_g, dv, **f32)
+    final_m = torch.empty(b * hkv, block_g, **f32)
+    final_l = torch.empty(b * hkv, block_g, **f32)
+    out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
+    fp32 = dots_in_fp32(query.dtype)
+    _split_kernel[(b * hkv, splits)](
+        query, keys, values, valid, logits, part_m, part_l, part_acc, slots, split, splits, scale,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), valid.stride(0), valid.stride(1),
+        HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, BLOCK=BLOCK_S, FP32=fp32)
+    _combine_kernel[(b * hkv,)](
+        query, n, mu_k, mu_v, comoment, part_m, part_l, part_acc, out, final_m, final_l, splits, scale,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, NS_P2=triton.next_power_of_2(splits),
+        BLOCK_DV=min(dv, 64), CORRECTED=corrected)
+    imp = importance if importance.is_contiguous() else importance.contiguous()
+    norm = normalizer if normalizer.is_contiguous() else normalizer.contiguous()
+    _momentum_kernel[(b * hkv, blocks)](
+        logits, final_m, final_l, valid, imp, norm, slots, alpha, valid.stride(0), valid.stride(1),
+        imp.stride(0), imp.stride(1), HKV=hkv, G=g, BLOCK_G=block_g, BLOCK=BLOCK_S)
+    if imp is not importance:
+        importance.copy_(imp)
+        normalizer.copy_(norm)
+    return out

@@ -1,0 +1,123 @@
+"""Triton kernel of ``momentkv::evict``: one program per (sequence, KV head), or per sequence
+when a layer's heads share the victim. It scans the slots for the lowest-scored candidate
+(first index on ties, like ``torch.argmin``), then, if over budget, frees that slot and folds
+its key and value into the moments (Welford), all without a host round trip."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .scores import MOMENTUM, RANDOM, WINDOW
+
+BLOCK_S = 128
+
+
+@triton.jit
+def _hash_uniform(pos, step, lane, seed):
+    x = pos * 0x9E3779B1 + step * 0x85EBCA77 + lane.to(tl.int64) * 0x27D4EB2F + seed
+    x = x & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+    x = x ^ (x >> 12)
+    x = (x * 0x297A2D39) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    return (x & 0xFFFFFF).to(tl.float32) / 16777216.0
+
+
+@triton.jit
+def _score(IMP, NORM, POS, VALID, EVICTABLE, base, s, smask, step, threshold, lane, seed,
+           POLICY: tl.constexpr, BIAS: tl.constexpr):
+    ok = tl.load(VALID + base + s, mask=smask, other=0) != 0
+    ok = ok & (tl.load(EVICTABLE + base + s, mask=smask, other=0) != 0)
+    pos = tl.load(POS + base + s, mask=smask, other=0)
+    ok = ok & (pos < threshold)
+    if POLICY == 0:
+        score = tl.load(IMP + base + s, mask=smask, other=0.0)
+        if BIAS:
+            score = score / tl.maximum(tl.load(NORM + base + s, mask=smask, other=1.0), 1e-20)
+    elif POLICY == 1:
+        score = pos.to(tl.float32)
+    else:
+        score = _hash_uniform(pos, step, lane, seed)
+    return ok, score
+
+
+@triton.jit
+def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FREE, DECODE_LEN, SEEN,
+                  S, budget, recent, seed,
+                  H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  POLICY: tl.constexpr, BIAS: tl.constexpr, SHARED: tl.constexpr, FOLD: tl.constexpr):
+    pid = tl.program_id(0)
+    if SHARED:
+        b = pid
+        h0 = 0
+        heads = H
+    else:
+        b = pid // H
+        h0 = pid % H
+        heads = 1
+    step = tl.load(SEEN)
+    threshold = step - recent
+    best = float("inf")
+    victim = 0
+    for s0 in range(0, S, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        smask = s < S
+        candidate = smask
+        total = tl.zeros([BLOCK], tl.float32)
+        for hh in range(heads):
+            lane = b * H + h0 + hh
+            ok, score = _score(IMP, NORM, POS, VALID, EVICTABLE, lane * S, s, smask, step, threshold, lane, seed,
+                               POLICY, BIAS)
+            candidate = candidate & ok
+            total += score
+        total = tl.where(candidate, total / heads, float("inf"))
+        block_best = tl.min(total, 0)
+        block_victim = s0 + tl.argmin(total, 0)
+        better = block_best < best
+        victim = tl.where(better, block_victim, victim)
+        best = tl.where(better, block_best, best)
+    gate = (tl.load(DECODE_LEN) > budget) & (best < float("inf"))
+    if gate:
+        for hh in range(heads):
+            lane = b * H + h0 + hh
+            tl.store(VALID + lane * S + victim, 0)
+            tl.store(FREE + lane, victim.to(tl.int64))
+            if FOLD:
+                count = tl.load(N + lane) + 1.0
+                d = tl.arange(0, D)
+                k = tl.load(K + (lane * S + victim) * D + d).to(tl.float32)
+                mu_k = tl.load(MU_K + lane * D + d)
+                mu_k_new = mu_k + (k - mu_k) / count
+                tl.store(MU_K + lane * D + d, mu_k_new)
+                tl.store(N + lane, count)
+                for c0 in range(0, DV, BLOCK_DV):
+                    c = c0 + tl.arange(0, BLOCK_DV)
+                    v = tl.load(V + (lane * S + victim) * DV + c).to(tl.float32)
+                    mu_v = tl.load(MU_V + lane * DV + c)
+                    tl.store(MU_V + lane * DV + c, mu_v + (v - mu_v) / count)
+                    com = COM + lane * DV * D + c[:, None] * D + d[None, :]
+                    tl.store(com, tl.load(com) + (v - mu_v)[:, None] * (k - mu_k_new)[None, :])
+
+
+def evict_triton(keys: Tensor, values: Tensor, valid: Tensor, evictable: Tensor, importance: Tensor,
+                 normalizer: Tensor, positions: Tensor, n: Tensor, mu_k: Tensor, mu_v: Tensor, comoment: Tensor,
+                 free_slot: Tensor, decode_len: Tensor, seen: Tensor, budget: int, policy: int,
+                 bias_correction: bool, recent_window: int, shared: bool, seed: int, fold: bool) -> None:
+    """Same contract as the reference ``evict``; every tensor must be contiguous (the cache's are)."""
+    if policy not in (MOMENTUM, WINDOW, RANDOM):
+        raise ValueError(f"policy id must be 0 (momentum), 1 (window) or 2 (random), got {policy}")
+    tensors = (keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, comoment, free_slot)
+    if not all(t.is_contiguous() for t in tensors):
+        raise ValueError("evict_triton needs contiguous tensors (the cache allocates them so)")
+    b, h, slots, d = keys.shape
+    dv = values.shape[-1]
+    grid = (b if shared else b * h,)
+    _evict_kernel[grid](
+        keys, values, valid.view(torch.uint8), evictable.view(torch.uint8), importance, normalizer, positions,
+        n, mu_k, mu_v, comoment, free_slot, decode_len, seen, slots, budget, recent_window, seed,
+        H=h, D=d, DV=dv, BLOCK=BLOCK_S, BLOCK_DV=min(dv, 32), POLICY=policy, BIAS=bias_correction, SHARED=shared,
+        FOLD=fold)

@@ -1,0 +1,118 @@
+"""Triton kernels against the reference kernels: under TRITON_INTERPRET=1 on CPU, natively on CUDA."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
+
+triton = pytest.importorskip("triton")
+
+from momentkv.ops.kernels import REFERENCES  # noqa: E402
+from momentkv.ops.triton_decode_attention import decode_attention_triton  # noqa: E402
+from momentkv.ops.triton_evict import evict_triton  # noqa: E402
+from momentkv.ops.triton_prefill_scores import prefill_scores_triton  # noqa: E402
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def attention_state(b, hq, hkv, s, d, dtype, evicted, invalid, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    state = dict(
+        query=torch.randn(b, hq, d, generator=gen),
+        keys=torch.randn(b, hkv, s, d, generator=gen),
+        values=torch.randn(b, hkv, s, d, generator=gen),
+        valid=torch.rand(b, hkv, s, generator=gen) >= invalid,
+        n=torch.full((b, hkv), float(evicted)),
+        mu_k=torch.randn(b, hkv, d, generator=gen) * 0.3 * (evicted > 0),
+        mu_v=torch.randn(b, hkv, d, generator=gen) * (evicted > 0),
+        comoment=torch.randn(b, hkv, d, d, generator=gen) * (evicted > 0),
+        importance=torch.rand(b, hkv, s, generator=gen),
+        normalizer=torch.rand(b, hkv, s, generator=gen) + 1,
+    )
+    for name in ("query", "keys", "values"):
+        state[name] = state[name].to(dtype)
+    return {k: v.to(DEVICE) for k, v in state.items()}
+
+
+CASES = [  # (batch, query heads, kv heads, slots, head_dim, evicted, fraction invalid)
+    pytest.param(2, 2, 2, 70, 64, 0, 0.0, id="empty-evicted-set_full-region_gqa1"),
+    pytest.param(2, 8, 2, 70, 64, 5, 0.3, id="padded-rows_gqa4"),
+    pytest.param(1, 8, 1, 130, 64, 9, 0.0, id="gqa8_three-blocks"),
+    pytest.param(2, 4, 1, 33, 128, 3, 0.5, id="head-dim-128"),
+    pytest.param(1, 2, 1, 17, 256, 2, 0.2, id="head-dim-256"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("b, hq, hkv, s, d, evicted, invalid", CASES)
+@pytest.mark.parametrize("corrected", [True, False], ids=["moments", "none"])
+def test_decode_attention_kernel_matches_reference(b, hq, hkv, s, d, evicted, invalid, dtype, corrected):
+    state = attention_state(b, hq, hkv, s, d, dtype, evicted, invalid)
+    state["valid"][0, 0] = False  # a padded row: nothing to attend in one head
+    expected_state = {k: v.clone() for k, v in state.items()}
+    out = decode_attention_triton(*state.values(), 0.125, 0.85, corrected)
+    expected = REFERENCES["decode_attention"](*expected_state.values(), 0.125, 0.85, corrected)
+    tol = TOLERANCE[dtype]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(state["importance"], expected_state["importance"], rtol=tol, atol=tol)
+    torch.testing.assert_close(state["normalizer"], expected_state["normalizer"])
+
+
+def evict_state(b, h, s, d, budget, decode_len, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    prompt = s - budget - 1
+    valid = torch.ones(b, h, s, dtype=torch.bool)
+    valid[0, :, : prompt // 2] = False  # left padding in row 0
+    evictable = torch.zeros(b, h, s, dtype=torch.bool)
+    evictable[..., prompt:] = True
+    evictable[-1, :, 2:prompt] = True  # a row whose prompt competes (sinks 0, 1)
+    positions = torch.randperm(s, generator=gen).expand(b, h, s).contiguous()
+    state = dict(
+        keys=torch.randn(b, h, s, d, generator=gen), values=torch.randn(b, h, s, d, generator=gen),
+        valid=valid, evictable=evictable,
+        importance=torch.rand(b, h, s, generator=gen), normalizer=torch.rand(b, h, s, generator=gen) + 0.5,
+        positions=positions, n=torch.full((b, h), 3.0), mu_k=torch.randn(b, h, d, generator=gen),
+        mu_v=torch.randn(b, h, d, generator=gen), comoment=torch.randn(b, h, d, d, generator=gen),
+        free_slot=torch.full((b, h), -1, dtype=torch.int64), decode_len=torch.tensor(decode_len),
+        seen=torch.tensor(s + 5),
+    )
+    return {k: v.to(DEVICE) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("policy", [0, 1, 2], ids=["momentum", "window", "random"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-head", "per-layer"])
+@pytest.mark.parametrize("decode_len, d", [(9, 64), (3, 64), (9, 128)], ids=["over-budget", "under-budget", "d128"])
+def test_evict_kernel_matches_reference(policy, shared, decode_len, d):
+    state = evict_state(b=3, h=2, s=150, d=d, budget=8, decode_len=decode_len)
+    expected = {k: v.clone() for k, v in state.items()}
+    args = (8, policy, True, 2, shared, 5, True)
+    evict_triton(*state.values(), *args)
+    REFERENCES["evict"](*expected.values(), *args)
+    for name in ("valid", "free_slot", "n"):
+        assert torch.equal(state[name], expected[name]), name
+    for name in ("mu_k", "mu_v", "comoment"):
+        torch.testing.assert_close(state[name], expected[name], rtol=1e-5, atol=1e-5)
+    assert (state["valid"] != evict_state(3, 2, 150, d, 8, decode_len)["valid"]).any() == (decode_len > 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("alpha", [0.0, 0.9, 1.0])
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (8, 2)])
+def test_prefill_scores_kernel_matches_reference(dtype, alpha, hq, hkv):
+    gen = torch.Generator().manual_seed(2)
+    query = torch.randn(2, hq, 5, 64, generator=gen).to(dtype).to(DEVICE)
+    keys = torch.randn(2, hkv, 77, 64, generator=gen).to(dtype).to(DEVICE)
+    key_valid = torch.ones(2, 77, dtype=torch.bool, device=DEVICE)
+    key_valid[1, :20] = False
+    importance, normalizer = prefill_scores_triton(query, keys, key_valid, 0.125, alpha)
+    ref_importance, ref_normalizer = REFERENCES["prefill_scores"](query, keys, key_valid, 0.125, alpha)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(importance, ref_importance, rtol=tol, atol=tol)
+    torch.testing.assert_close(normalizer, ref_normalizer)
