@@ -16,6 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--prompt", help="the user message (default: a long-essay request)")
     demo.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
     demo.add_argument("--json", help="also write the summary to this file")
+    bench = commands.add_parser("bench-kernels", help="decode attention vs SDPA, eviction cost (GPU; prints a table)")
+    bench.add_argument("--keys", default="1024,2048,4096,8192,16384,32768", help="comma-separated key counts")
+    bench.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    bench.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    bench.add_argument("--out", help="write the results as JSON to this file")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -28,6 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(summary, f, indent=2)
+    elif args.command == "bench-kernels":
+        import torch
+
+        from momentkv.evals.kernel_bench import main as bench_main
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        bench_main(args.out, [int(k) for k in args.keys.split(",")], [int(b) for b in args.batches.split(",")],
+                   device)
     return 0
 
 

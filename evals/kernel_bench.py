@@ -1,0 +1,197 @@
+"""Kernel benchmark: momentkv's decode attention against SDPA on the same keys, and eviction's cost.
+
+Llama-3.1-8B head shapes (32 query heads, 8 KV heads, head_dim 128), bf16, one query per sequence.
+Bytes counted are the fewest any decode attention must move: K and V read once (the query and
+output are negligible). Bandwidth is compared with the datasheet peak and with a device-to-device
+copy measured in the same run. Each configuration is checked against the reference kernel first.
+Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from momentkv.ops.kernels import REFERENCES, kernel
+
+DATASHEET_TBPS = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H200": 4.8, "H100 NVL": 3.9}
+L2_ROTATION_BYTES = 256 * 2**20  # rotate input sets until this much is in play, so timings do not measure L2
+
+
+def _timer(device: torch.device):
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    import time
+
+    def cpu_time(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e6)
+        return median(samples)
+
+    return cpu_time
+
+
+def _copy_tbps(device: torch.device, timer) -> float | None:
+    if device.type != "cuda":
+        return None
+    src = torch.randn(2**30 // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    micros = timer(lambda: dst.copy_(src))
+    return 2 * src.numel() * 2 / (micros * 1e-6) / 1e12
+
+
+def _inputs(batch: int, keys: int, dtype: torch.dtype, device: torch.device, hq=32, hkv=8, d=128):
+    def make():
+        valid = torch.ones(batch, hkv, keys, dtype=torch.bool, device=device)
+        return dict(
+            query=torch.randn(batch, hq, d, dtype=dtype, device=device),
+            keys=torch.randn(batch, hkv, keys, d, dtype=dtype, device=device),
+            values=torch.randn(batch, hkv, keys, d, dtype=dtype, device=device),
+            valid=valid, n=torch.full((batch, hkv), 100.0, device=device),
+            mu_k=0.1 * torch.randn(batch, hkv, d, device=device), mu_v=torch.randn(batch, hkv, d, device=device),
+            comoment=torch.randn(batch, hkv, d, d, device=device),
+            importance=torch.rand(batch, hkv, keys, device=device),
+            normalizer=torch.rand(batch, hkv, keys, device=device) + 1,
+        )
+
+    first = make()
+    kv_bytes = 2 * first["keys"].numel() * first["keys"].element_size()
+    copies = 1 if device.type != "cuda" else max(1, min(8, L2_ROTATION_BYTES // max(kv_bytes, 1)))
+    return [first] + [make() for _ in range(copies - 1)], kv_bytes
+
+
+def _rotating(sets: list[dict], fn):
+    state = {"i": 0}
+
+    def run():
+        fn(sets[state["i"] % len(sets)])
+        state["i"] += 1
+
+    return run
+
+
+def _check(state: dict, attend) -> float:
+    """Relative error of the kernel against the fp32 reference on these inputs (poisoned output first)."""
+    ref_state = {k: v.clone() for k, v in state.items()}
+    out = attend(*{k: v.clone() for k, v in state.items()}.values(), 0.088, 0.9, True)
+    ref = REFERENCES["decode_attention"](*ref_state.values(), 0.088, 0.9, True)
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _evict_state(state: dict, keys: int) -> dict:
+    batch, hkv = state["valid"].shape[:2]
+    device = state["valid"].device
+    return dict(
+        keys=state["keys"], values=state["values"], valid=state["valid"].clone(),
+        evictable=torch.ones_like(state["valid"]), importance=state["importance"], normalizer=state["normalizer"],
+        positions=torch.arange(keys, device=device).expand(batch, hkv, keys).contiguous(),
+        n=state["n"].clone(), mu_k=state["mu_k"].clone(), mu_v=state["mu_v"].clone(),
+        comoment=state["comoment"].clone(), free_slot=torch.zeros(batch, hkv, dtype=torch.int64, device=device),
+        decode_len=torch.tensor(keys, device=device), seen=torch.tensor(keys + 1, device=device),
+    )
+
+
+def run_kernel_bench(keys_list: list[int], batches: list[int], device: str = "cuda",
+                     dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    dev = torch.device(device)
+    timer = _timer(dev)
+    attend = kernel("decode_attention", dev)
+    evict = kernel("evict", dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    datasheet = next((v for k, v in DATASHEET_TBPS.items() if k in name), None)
+    copy_tbps = _copy_tbps(dev, timer)
+    rows = []
+    for batch in batches:
+        for keys in keys_list:
+            sets, kv_bytes = _inputs(batch, keys, dtype, dev)
+            error = _check(sets[0], attend)
+            row = dict(batch=batch, keys=keys, kv_bytes=kv_bytes, rel_error=error)
+            row["momentkv_us"] = timer(_rotating(sets, lambda s: attend(*s.values(), 0.088, 0.9, True)))
+            row["momentkv_uncorrected_us"] = timer(_rotating(sets, lambda s: attend(*s.values(), 0.088, 0.9, False)))
+            backends = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"} if dev.type == "cuda" \
+                else {"math": "MATH"}
+            for label, backend in backends.items():
+                def sdpa(s, backend=backend):
+                    with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, backend)):
+                        F.scaled_dot_product_attention(s["query"][:, :, None], s["keys"], s["values"], scale=0.088,
+                                                       enable_gqa=True)
+                try:
+                    row[f"sdpa_{label}_us"] = timer(_rotating(sets, sdpa))
+                except RuntimeError as error:  # a backend that refuses these shapes
+                    row[f"sdpa_{label}_us"] = None
+                    row[f"sdpa_{label}_error"] = str(error).splitlines()[0][:200]
+            evict_sets = [_evict_state(s, keys) for s in sets]
+            row["evict_us"] = timer(_rotating(evict_sets, lambda s: evict(*s.values(), keys - 1, 0, True, 8, False, 0,
+                                                                          True)))
+            row["momentkv_tbps"] = kv_bytes / (row["momentkv_us"] * 1e-6) / 1e12
+            if datasheet:
+                row["momentkv_fraction_of_datasheet"] = row["momentkv_tbps"] / datasheet
+            if copy_tbps:
+                row["momentkv_fraction_of_copy"] = row["momentkv_tbps"] / copy_tbps
+            sdpa_times = [row[k] for k in row if k.startswith("sdpa_") and k.endswith("_us") and row[k]]
+            if sdpa_times:
+                row["speedup_vs_best_sdpa"] = min(sdpa_times) / row["momentkv_us"]
+            row["evict_fraction_of_attention"] = row["evict_us"] / row["momentkv_us"]
+            rows.append(row)
+            del sets, evict_sets
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return dict(device=name, datasheet_tbps=datasheet, copy_tbps=copy_tbps, dtype=str(dtype), rows=rows,
+                versions=_versions(), shapes="32 query heads, 8 KV heads, head_dim 128, one query per sequence")
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip()
+        versions["commit"] = commit or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        versions["commit"] = "unknown"
+    return versions
+
+
+def format_table(result: dict[str, Any]) -> str:
+    head = (f"{result['device']} | copy {result['copy_tbps'] or float('nan'):.2f} TB/s | datasheet "
+            f"{result['datasheet_tbps'] or float('nan')} TB/s | {result['dtype']}")
+    lines = [head, "batch  keys   momentkv_us  sdpa_flash_us  sdpa_eff_us  speedup  TB/s   %copy  evict_us  evict%  relerr"]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['batch']:5d} {r['keys']:6d} {r['momentkv_us']:12.1f} {r.get('sdpa_flash_us') or float('nan'):14.1f} "
+            f"{r.get('sdpa_efficient_us') or r.get('sdpa_math_us') or float('nan'):12.1f} "
+            f"{r.get('speedup_vs_best_sdpa', float('nan')):8.2f} {r['momentkv_tbps']:6.2f} "
+            f"{100 * r.get('momentkv_fraction_of_copy', float('nan')):6.1f} {r['evict_us']:9.1f} "
+            f"{100 * r['evict_fraction_of_attention']:6.2f} {r['rel_error']:.1e}")
+    return "\n".join(lines)
+
+
+def main(out: str | None, keys: list[int], batches: list[int], device: str) -> dict[str, Any]:
+    result = run_kernel_bench(keys, batches, device)
+    print(format_table(result))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result
