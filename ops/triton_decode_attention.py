@@ -16,8 +16,23 @@ from torch import Tensor
 
 from .triton_support import dots_in_fp32
 
-BLOCK_S = 64
 TARGET_PROGRAMS = 264  # about two waves on an H100's 132 SMs
+MAX_SPLITS = 64
+MOMENTUM_BLOCK = 64
+
+
+def launch_config(batch: int, kv_heads: int, slots: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Block sizes and split count for a shape: shared memory stays under Hopper's 227 KB per block
+    (a 64-slot block of fp32 keys and values at head_dim 256 would need 282 KB)."""
+    fp32 = dots_in_fp32(dtype)
+    block = 64 if head_dim * (4 if fp32 else 2) <= 512 else 32
+    blocks = triton.cdiv(slots, block)
+    splits = max(1, min(blocks, MAX_SPLITS, triton.cdiv(TARGET_PROGRAMS, batch * kv_heads)))
+    split = triton.cdiv(blocks, splits) * block
+    splits = triton.cdiv(slots, split)
+    ns_p2 = triton.next_power_of_2(splits)
+    return dict(block=block, split=split, splits=splits, ns_p2=ns_p2, fp32=fp32,
+                block_dv=min(head_dim, max(16, 1024 // ns_p2)))
 
 
 @triton.jit
@@ -148,10 +163,8 @@ def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: 
     query, keys, values = query.contiguous(), keys.contiguous(), values.contiguous()
     valid = valid.contiguous().view(torch.uint8)
     n, mu_k, mu_v, comoment = (t.contiguous() for t in (n, mu_k, mu_v, comoment))
-    blocks = triton.cdiv(slots, BLOCK_S)
-    splits = max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, b * hkv)))
-    split = triton.cdiv(blocks, splits) * BLOCK_S
-    splits = triton.cdiv(slots, split)
+    config = launch_config(b, hkv, slots, max(d, dv), query.dtype)
+    split, splits = config["split"], config["splits"]
     f32 = dict(dtype=torch.float32, device=query.device)
     logits = torch.empty(b * hkv, block_g, slots, **f32)
     part_m = torch.empty(b * hkv, splits, block_g, **f32)
@@ -160,22 +173,21 @@ def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: 
     final_m = torch.empty(b * hkv, block_g, **f32)
     final_l = torch.empty(b * hkv, block_g, **f32)
     out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
-    fp32 = dots_in_fp32(query.dtype)
     _split_kernel[(b * hkv, splits)](
         query, keys, values, valid, logits, part_m, part_l, part_acc, slots, split, splits, scale,
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), valid.stride(0), valid.stride(1),
-        HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, BLOCK=BLOCK_S, FP32=fp32)
+        HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, BLOCK=config["block"], FP32=config["fp32"])
     _combine_kernel[(b * hkv,)](
         query, n, mu_k, mu_v, comoment, part_m, part_l, part_acc, out, final_m, final_l, splits, scale,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, NS_P2=triton.next_power_of_2(splits),
-        BLOCK_DV=min(dv, 64), CORRECTED=corrected)
+        HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, NS_P2=config["ns_p2"], BLOCK_DV=config["block_dv"],
+        CORRECTED=corrected)
     imp = importance if importance.is_contiguous() else importance.contiguous()
     norm = normalizer if normalizer.is_contiguous() else normalizer.contiguous()
-    _momentum_kernel[(b * hkv, blocks)](
+    _momentum_kernel[(b * hkv, triton.cdiv(slots, MOMENTUM_BLOCK))](
         logits, final_m, final_l, valid, imp, norm, slots, alpha, valid.stride(0), valid.stride(1),
-        imp.stride(0), imp.stride(1), HKV=hkv, G=g, BLOCK_G=block_g, BLOCK=BLOCK_S)
+        imp.stride(0), imp.stride(1), HKV=hkv, G=g, BLOCK_G=block_g, BLOCK=MOMENTUM_BLOCK)
     if imp is not importance:
         importance.copy_(imp)
         normalizer.copy_(norm)
