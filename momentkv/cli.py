@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     bench.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     bench.add_argument("--out", help="write the results as JSON to this file")
+    longrun = commands.add_parser("long-run", help="long generation with a small budget: flat memory, no NaN")
+    longrun.add_argument("--tokens", type=int, default=20000)
+    longrun.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
+    longrun.add_argument("--device", default="cpu")
+    longrun.add_argument("--budget", type=int, default=32)
+    longrun.add_argument("--out", help="write the results as JSON to this file")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -41,6 +47,27 @@ def main(argv: list[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         bench_main(args.out, [int(k) for k in args.keys.split(",")], [int(b) for b in args.batches.split(",")],
                    device)
+    elif args.command == "long-run":
+        import torch
+
+        from momentkv.evals.long_run import long_run, summary
+
+        results = []
+        for name in args.dtypes.split(","):
+            dtype = getattr(torch, name, None)
+            if not isinstance(dtype, torch.dtype):
+                parser.error(f"--dtypes: unknown torch dtype {name!r}")
+            result = summary(long_run(args.tokens, dtype, args.device, args.budget))
+            results.append(result)
+            print(f"{name}: {args.tokens} tokens in {result['seconds']:.0f} s, finite={result['finite']}, "
+                  f"RSS growth after warm-up {result['rss_growth_after_warmup_bytes'] / 2**20:.2f} MiB"
+                  + (f", CUDA growth {result['cuda_growth_after_warmup_bytes']} B"
+                     if "cuda_growth_after_warmup_bytes" in result else ""))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+        if not all(r["finite"] for r in results):
+            return 1
     return 0
 
 

@@ -71,6 +71,9 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
         raise TypeError("pass either config=... or budget=... with options, not both")
     if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"compile must be None, True or False, got {compile!r}")
+    context = _context_length(model)
+    if context is not None and config.budget > context:
+        raise ValueError(f"budget must be an int in [1, {context}] (the model's context), got {config.budget}")
 
     original = model.config._attn_implementation
     fallback = ALL_ATTENTION_FUNCTIONS[original] if original in ALL_ATTENTION_FUNCTIONS else sdpa_attention_forward
@@ -142,6 +145,9 @@ def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
         batch, length = prompt.shape[:2]
         if length == 0:
             raise ValueError("the prompt is empty: give at least one token")
+        context = _context_length(model)
+        if context is not None and length > context:
+            raise ValueError(f"the prompt has {length} tokens, more than the model's context of {context}")
         state.active = _cache_for(model, state, batch, length, prompt.device)
         if state.compile is not None:
             kwargs.setdefault("compile_config", _compile_config(model) if state.compile else None)
@@ -152,6 +158,10 @@ def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
             state.active = None
 
     return budgeted_generate
+
+
+def _context_length(model: PreTrainedModel) -> int | None:
+    return getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
 
 
 def _cache_for(model: PreTrainedModel, state: PatchState, batch: int, length: int,
