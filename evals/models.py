@@ -67,3 +67,27 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, P
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, message: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0)
+
+
+def bench_model(name: str, device: str | None = None) -> tuple[PreTrainedModel, str]:
+    """A model for speed benchmarks and a folder (or ``random:<config json>``) that rebuilds it elsewhere.
+
+    "smollm2": the real model, fp32 on CPU, bf16 on CUDA. "llama-3.1-8b-random": Llama-3.1-8B's shapes
+    with random bf16 weights (speed does not depend on the weights); needs a GPU's memory."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "smollm2":
+        model, _ = load_smollm2(torch.bfloat16 if device == "cuda" else torch.float32)
+        return model.to(device), str(smollm2_checkpoint())
+    if name == "llama-3.1-8b-random":
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**LLAMA_31_8B)).to(torch.bfloat16).eval()
+        return model, "random:" + json.dumps(LLAMA_31_8B)
+    raise ValueError(f"model must be 'smollm2' or 'llama-3.1-8b-random', got {name!r}")

@@ -21,6 +21,27 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     bench.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     bench.add_argument("--out", help="write the results as JSON to this file")
+    bench = commands.add_parser("bench", help="end-to-end decoding speed and memory vs full cache and kvpress")
+    bench.add_argument("--model", default="smollm2", choices=["smollm2", "llama-3.1-8b-random"])
+    bench.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    bench.add_argument("--prompt-len", type=int, default=512)
+    bench.add_argument("--lengths", default="256,512", help="generated lengths, comma-separated")
+    bench.add_argument("--budgets", default="64,256")
+    bench.add_argument("--batches", default="1")
+    bench.add_argument("--repeats", type=int, default=2)
+    bench.add_argument("--systems", default="full-dynamic,full-static-compiled,momentkv-eager,momentkv-compiled,"
+                                            "kvpress-i1,kvpress-i16")
+    bench.add_argument("--kvpress-python", help="python of an environment with kvpress (transformers < 5.3)")
+    bench.add_argument("--out", help="write the results as JSON to this file")
+    bench.add_argument("--plot", help="write a tokens/s plot (PNG) to this file")
+    profile = commands.add_parser("profile-step", help="split a decode step's time: attention, eviction, rest")
+    profile.add_argument("--model", default="smollm2", choices=["smollm2", "llama-3.1-8b-random"])
+    profile.add_argument("--device", default=None)
+    profile.add_argument("--prompt-len", type=int, default=512)
+    profile.add_argument("--new-tokens", type=int, default=256)
+    profile.add_argument("--budget", type=int, default=64)
+    profile.add_argument("--batch", type=int, default=1)
+    profile.add_argument("--out", help="write the split as JSON to this file")
     longrun = commands.add_parser("long-run", help="long generation with a small budget: flat memory, no NaN")
     longrun.add_argument("--tokens", type=int, default=20000)
     longrun.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
@@ -47,6 +68,32 @@ def main(argv: list[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         bench_main(args.out, [int(k) for k in args.keys.split(",")], [int(b) for b in args.batches.split(",")],
                    device)
+    elif args.command == "bench":
+        from momentkv.evals.bench import format_table, plot, run_bench
+        from momentkv.evals.models import bench_model
+
+        model, folder = bench_model(args.model, args.device)
+        ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+        result = run_bench(model, folder, args.prompt_len, ints(args.lengths), ints(args.budgets),
+                           ints(args.batches), args.systems.split(","), args.repeats, args.kvpress_python)
+        print(format_table(result))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        if args.plot:
+            plot(result, args.plot)
+    elif args.command == "profile-step":
+        from momentkv.evals.models import bench_model
+        from momentkv.evals.step_profile import profile_step
+
+        model, _ = bench_model(args.model, args.device)
+        result = profile_step(model, args.prompt_len, args.new_tokens, args.budget, args.batch)
+        print(f"step {result['step_ms']:.2f} ms over {result['budgeted_layers']} budgeted layers:")
+        for name, ms in result["split_ms"].items():
+            print(f"  {name:24s} {ms:8.2f} ms  {100 * result['split_fraction'][name]:5.1f}%")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
     elif args.command == "long-run":
         import torch
 

@@ -1,0 +1,42 @@
+"""Per-step timing and memory sampling inside ``generate()`` (no momentkv imports, so that the
+kvpress runner can use it from its own environment)."""
+
+from __future__ import annotations
+
+import os
+import time
+from statistics import median
+
+import torch
+from transformers import StoppingCriteria
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class StepTimer(StoppingCriteria):
+    """Called once per generated token: the first call follows the prefill, the rest each decode step."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times, self.rss_start, self.rss_peak = device, [], rss_bytes(), 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        self.rss_peak = max(self.rss_peak, rss_bytes())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def summary(self, batch: int) -> dict:
+        steps = [b - a for a, b in zip(self.times, self.times[1:])]
+        return dict(decode_steps=len(steps), step_ms_median=1e3 * median(steps),
+                    tokens_per_second=batch * len(steps) / (self.times[-1] - self.times[0]),
+                    rss_growth_bytes=self.rss_peak - self.rss_start)
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of the keys and values a transformers cache holds."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
