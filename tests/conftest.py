@@ -6,6 +6,10 @@ import os
 
 # Tests run the eager reference kernels (no per-shape inductor compile); test_cpu_kernels checks the fused ones.
 os.environ.setdefault("MOMENTKV_CPU_KERNEL", "reference")
+# Without a GPU the Triton kernels run under the interpreter. Triton reads this once, when first used
+# (torch may use it before any test does), so it is set here, before anything imports torch.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
