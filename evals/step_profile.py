@@ -8,6 +8,7 @@ is done with), times the number of budgeted layers; the rest is the measured ste
 
 from __future__ import annotations
 
+import os
 import time
 from statistics import median
 from typing import Any, Callable
@@ -66,6 +67,10 @@ def profile_step(model, prompt_len: int, new_tokens: int, budget: int, batch: in
                                           cfg.policy_id, cfg.bias_correction, cfg.recent_window,
                                           cfg.scope == "layer", cfg.seed, cfg.corrected), device)
         clone_us = _time_us(lambda: state["valid"].clone(), device)
+        # The same attention through torch's dispatcher (what a compiled graph calls), for its overhead.
+        dispatched_us = _time_us(lambda: torch.ops.momentkv.decode_attention.default(
+            query, state["keys"], state["values"], state["valid"], *moments, state["importance"],
+            state["normalizer"], scale, cfg.alpha, cfg.corrected), device)
         k_new = torch.randn(batch, layer.num_heads, 1, layer.keys.shape[-1], dtype=layer.dtype, device=device)
         update_us = _time_us(lambda: layer.update(k_new, k_new), device)
     step_ms = timer.summary(batch)["step_ms_median"]
@@ -73,5 +78,6 @@ def profile_step(model, prompt_len: int, new_tokens: int, budget: int, batch: in
     split = {name: us * len(layers) / 1e3 for name, us in per_layer.items()}
     split["rest_of_model"] = step_ms - sum(split.values())
     return dict(step_ms=step_ms, budgeted_layers=len(layers), per_layer_us=per_layer, split_ms=split,
+                attention_through_dispatcher_us=dispatched_us, cpu_kernel=os.environ.get("MOMENTKV_CPU_KERNEL", "fused"),
                 split_fraction={k: v / step_ms for k, v in split.items()}, budget=budget, prompt_len=prompt_len,
                 new_tokens=new_tokens, batch=batch, device=str(device))

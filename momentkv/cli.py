@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
 
         model, _ = bench_model(args.model, args.device)
         result = profile_step(model, args.prompt_len, args.new_tokens, args.budget, args.batch)
-        print(f"step {result['step_ms']:.2f} ms over {result['budgeted_layers']} budgeted layers:")
+        print(f"step {result['step_ms']:.2f} ms over {result['budgeted_layers']} budgeted layers "
+              f"({result['cpu_kernel']} CPU kernels; attention per layer {result['per_layer_us']['attention_and_momentum']:.0f}"
+              f" us called directly, {result['attention_through_dispatcher_us']:.0f} us through the dispatcher):")
         for name, ms in result["split_ms"].items():
             print(f"  {name:24s} {ms:8.2f} ms  {100 * result['split_fraction'][name]:5.1f}%")
         if args.out:

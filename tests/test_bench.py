@@ -21,3 +21,16 @@ def test_bench_measures_every_system_it_can_and_reports_the_rest(tmp_path):
     assert not hasattr(model, "_momentkv"), "the benchmark leaves the model unpatched"
     assert "momentkv-eager" in format_table(result)
     assert momentkv.MomentKVConfig(budget=4).prompt_slots(40) == 64
+
+
+def test_step_profile_splits_the_measured_step(tmp_path):
+    from momentkv.evals.step_profile import profile_step
+
+    model = build_tiny("llama", tmp_path)
+    result = profile_step(model, prompt_len=24, new_tokens=12, budget=4)
+    split = result["split_ms"]
+    assert result["budgeted_layers"] == 2 and result["step_ms"] > 0
+    assert all(split[k] > 0 for k in ("attention_and_momentum", "eviction", "cache_write"))
+    assert abs(sum(split.values()) - result["step_ms"]) < 1e-6
+    assert result["attention_through_dispatcher_us"] > 0 and result["cpu_kernel"] == "reference"
+    assert not hasattr(model, "_momentkv")
