@@ -7,6 +7,7 @@ Only the model given is touched: its attention implementation name, and an insta
 from __future__ import annotations
 
 import itertools
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -22,6 +23,10 @@ from momentkv.patches import MomentKVCache, make_attention
 
 _ATTR = "_momentkv"
 _names = itertools.count()
+# Per model, the state of each configuration it was patched with: patching again with the same
+# configuration registers the same attention function under the same name, so a compiled decode
+# step is reused instead of recompiled (a compiled graph guards on that function).
+_REUSABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -32,6 +37,8 @@ class PatchState:
     name: str
     original_attention: str
     compile: bool | None
+    mask: Callable = field(repr=False)
+    attention: Callable | None = field(default=None, repr=False)
     cache: MomentKVCache | None = None
     active: MomentKVCache | None = field(default=None, repr=False)
 
@@ -76,11 +83,18 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
         raise ValueError(f"budget must be an int in [1, {context}] (the model's context), got {config.budget}")
 
     original = model.config._attn_implementation
-    fallback = ALL_ATTENTION_FUNCTIONS[original] if original in ALL_ATTENTION_FUNCTIONS else sdpa_attention_forward
-    mask = ALL_MASK_ATTENTION_FUNCTIONS[original] if original in ALL_MASK_ATTENTION_FUNCTIONS else sdpa_mask
-    state = PatchState(config=config, name=f"momentkv_{next(_names)}", original_attention=original, compile=compile)
-    AttentionInterface.register(state.name, make_attention(lambda: state.active, fallback))
-    AttentionMaskInterface.register(state.name, mask)
+    states = _REUSABLE.setdefault(model, {})
+    state = states.get((config, original))
+    if state is None:
+        fallback = ALL_ATTENTION_FUNCTIONS[original] if original in ALL_ATTENTION_FUNCTIONS else sdpa_attention_forward
+        mask = ALL_MASK_ATTENTION_FUNCTIONS[original] if original in ALL_MASK_ATTENTION_FUNCTIONS else sdpa_mask
+        state = PatchState(config=config, name=f"momentkv_{next(_names)}", original_attention=original,
+                           compile=compile, mask=mask)
+        state.attention = make_attention(lambda: state.active, fallback)
+        states[(config, original)] = state
+    state.compile = compile
+    AttentionInterface.register(state.name, state.attention)
+    AttentionMaskInterface.register(state.name, state.mask)
     model.set_attn_implementation(state.name)
     setattr(model, _ATTR, state)
     model.generate = _budgeted_generate(model, state)
@@ -95,6 +109,7 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
     model.set_attn_implementation(state.original_attention)
     del model.generate
     delattr(model, _ATTR)
+    state.cache = state.active = None  # free the buffers; the state itself is kept for a later patch
     AttentionInterface._global_mapping.pop(state.name, None)
     AttentionMaskInterface._global_mapping.pop(state.name, None)
     return model

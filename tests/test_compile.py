@@ -28,6 +28,10 @@ def test_compiled_decode_is_one_graph_and_matches_eager(tiny_model):
         assert momentkv.state_of(model).cache is cache
         shorter = model.generate(**{**kwargs, "input_ids": ids, "attention_mask": mask})  # same prompt bucket
         assert counters["stats"]["unique_graphs"] == 1
+    with momentkv.patched(model, budget=8, prompt_bucket=16, compile=True), \
+            torch._dynamo.config.patch(error_on_recompile=True):
+        repatched = model.generate(**kwargs)  # the same configuration again: the compiled step is reused
+        assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
-    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+    assert torch.equal(compiled, eager) and torch.equal(again, eager) and torch.equal(repatched, eager)
     assert torch.equal(shorter[:, -40:], eager[:, -40:]), "only padding differs: the answers are the same"
