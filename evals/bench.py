@@ -55,8 +55,8 @@ def run_system(system: str, model, ids, new_tokens: int, budget: int, kvpress_py
                model_folder: str, timed: bool = True) -> dict[str, Any]:
     """One generation of ``new_tokens`` tokens; returns timings and memory (or an 'error').
 
-    ``model`` is patched by momentkv with ``budget`` (patching once per budget keeps compiled graphs:
-    each patch registers a new attention function, which a compiled graph guards on)."""
+    ``model`` is patched by momentkv with ``budget``; full-cache systems bypass momentkv's ``generate``,
+    which leaves the model's own attention in charge."""
     batch, prompt_len = ids.shape
     device = ids.device
     tokens = new_tokens if timed else 4
