@@ -9,7 +9,7 @@ cumulative attention (H2O), ``alpha=0`` instantaneous attention (TOVA),
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from momentkv.ops.scores import MOMENTUM, RANDOM, WINDOW
@@ -115,10 +115,3 @@ class MomentKVConfig:
         if self.prefill_budget is not None:
             slots = min(slots, self.prefill_budget)
         return slots
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))

@@ -15,20 +15,18 @@ from .moments import fold_token, merge_set
 from .prefill_scores import prefill_scores
 from .scores import MOMENTUM, RANDOM, WINDOW, eviction_score
 
-FUSED_CPU = register_fused_cpu_kernels()
+register_fused_cpu_kernels()
 
 
-def _register_cuda() -> bool:
+def _register_cuda() -> None:
     """Triton kernels for CUDA tensors, where both are available (the reference runs otherwise)."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
-        return False
-    from .cuda import register_triton_kernels
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        from .cuda import register_triton_kernels
 
-    register_triton_kernels()
-    return True
+        register_triton_kernels()
 
 
-TRITON_CUDA = _register_cuda()
+_register_cuda()
 
 __all__ = [
     "MOMENTUM",
