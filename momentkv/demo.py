@@ -68,7 +68,8 @@ def run_demo(budget: int = 64, new_tokens: int = 512, prompt: str = PROMPT, comp
     same = int((full.tokens[: len(budgeted.tokens)] == budgeted.tokens[: len(full.tokens)]).cumprod(0).sum())
     print(tokenizer.decode(budgeted.tokens, skip_special_tokens=True))
     print()
-    kv_full = 2 * (prompt_len + len(full.tokens)) * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size() * len(cache.layers)
+    per_token = 2 * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size() * len(cache.layers)
+    kv_full = (prompt_len + len(full.tokens)) * per_token
     summary = {
         "versions": {"momentkv": momentkv.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
