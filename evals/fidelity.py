@@ -1,7 +1,8 @@
 """Fidelity against the full cache, measured through ``generate()`` itself.
 
-Teacher forcing: the compressed model is driven along the full-cache greedy tokens by a
-logits processor that records the model's own prediction, then forces the reference token.
+Teacher forcing: the compressed model is driven along reference tokens by a logits processor
+that records the model's own prediction, then forces the reference token. Rows of the batch
+beyond the reference run free, so one pass yields teacher-forced and free-run outputs together.
 """
 
 from __future__ import annotations
@@ -14,24 +15,39 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 
 class TeacherForcing(LogitsProcessor):
-    """Records top-1 agreement and KL(reference || model) at each step, then forces the reference token."""
+    """Per step, for the first ``len(reference)`` rows: top-1 agreement, the reference token's
+    log-probability and, given reference log-probabilities, KL(reference || model); then forces
+    the reference token on those rows. Other rows are left to choose freely."""
 
-    def __init__(self, reference: Tensor, reference_logits: Tensor | None = None):
-        self.reference, self.reference_logits = reference, reference_logits
+    def __init__(self, reference: Tensor, reference_logprobs: Tensor | None = None):
+        self.reference, self.reference_logprobs = reference, reference_logprobs
         self.agree: list[Tensor] = []
+        self.logprob: list[Tensor] = []
         self.kl: list[Tensor] = []
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        step = len(self.agree)
+        step, rows = len(self.agree), self.reference.shape[0]
         target = self.reference[:, step].to(scores.device)
-        self.agree.append(scores.argmax(-1) == target)
-        if self.reference_logits is not None:
-            log_q = torch.log_softmax(scores.float(), -1)
-            log_p = torch.log_softmax(self.reference_logits[:, step].float().to(scores.device), -1)
+        log_q = torch.log_softmax(scores[:rows].float(), -1)
+        self.agree.append(scores[:rows].argmax(-1) == target)
+        self.logprob.append(log_q.gather(-1, target[:, None]).squeeze(-1))
+        if self.reference_logprobs is not None:
+            log_p = torch.log_softmax(self.reference_logprobs[:, step].float().to(scores.device), -1)
             terms = log_p.exp() * (log_p - log_q)
             self.kl.append(torch.where(torch.isfinite(log_p), terms, 0.0).sum(-1))
-        forced = torch.full_like(scores, float("-inf"))
-        return forced.scatter_(-1, target[:, None], 0.0)
+        forced = torch.full_like(scores[:rows], float("-inf")).scatter_(-1, target[:, None], 0.0)
+        return torch.cat([forced, scores[rows:]])
+
+
+class LogprobRecorder(LogitsProcessor):
+    """Keeps each step's log-probabilities (fp16, to halve the memory of a long reference)."""
+
+    def __init__(self):
+        self.steps: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.steps.append(torch.log_softmax(scores.float(), -1).half().cpu())
+        return scores
 
 
 @dataclass
@@ -41,26 +57,74 @@ class Fidelity:
     steps: int
 
 
+@dataclass
+class Streamed:
+    agree: Tensor  # bool [N, T]: the model's argmax was the reference token
+    logprob: Tensor  # fp32 [N, T]: log-probability of the reference token
+    kl: Tensor | None  # fp32 [N, T]: KL(reference || model), if reference log-probabilities were given
+    free: Tensor | None  # [N, T]: the model's own greedy tokens from the free-running copy of each row
+
+
+def _pad_id(model: PreTrainedModel) -> int:
+    pad = model.generation_config.pad_token_id
+    return pad if pad is not None else 0
+
+
 def full_cache_reference(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor,
                          new_tokens: int) -> tuple[Tensor, Tensor]:
-    """Greedy tokens [B, T] and their scores [B, T, V] with the model's ordinary cache.
+    """Greedy tokens [B, T] and their log-probabilities [B, T, V] (fp16) with the model's ordinary cache.
 
-    Scores are taken after generate's own processors (``min_new_tokens`` masks EOS), exactly as
-    :class:`TeacherForcing` sees them, so both sides compare the same distributions."""
+    Log-probabilities are taken after generate's own processors (``min_new_tokens`` masks EOS),
+    exactly as :class:`TeacherForcing` sees them, so both sides compare the same distributions."""
+    recorder = LogprobRecorder()
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True,
-                         pad_token_id=model.generation_config.pad_token_id or 0)
-    return out.sequences[:, input_ids.shape[1]:], torch.stack(out.scores, dim=1)
+                         min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([recorder]),
+                         pad_token_id=_pad_id(model))
+    return out[:, input_ids.shape[1]:], torch.stack(recorder.steps, dim=1)
+
+
+def stream(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, reference: Tensor,
+           reference_logprobs: Tensor | None = None, free_run: bool = False, mask_eos: bool = True) -> Streamed:
+    """Drive ``model`` (patched or not) along ``reference`` [N, T] one token at a time.
+
+    free_run: also generate each row freely (the batch is doubled), for ROUGE-L against the reference.
+    mask_eos: mask EOS as the reference generation did (``min_new_tokens``); off for perplexity, where
+    the raw distribution is wanted and the reference text contains no EOS."""
+    rows, steps = reference.shape
+    if free_run:
+        input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
+    forcing = TeacherForcing(reference, reference_logprobs)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=steps,
+                         min_new_tokens=steps if mask_eos else None, do_sample=False,
+                         logits_processor=LogitsProcessorList([forcing]), pad_token_id=_pad_id(model))
+    if len(forcing.agree) != steps:
+        raise RuntimeError(f"generation stopped after {len(forcing.agree)} of {steps} steps (EOS in the reference?)")
+    return Streamed(agree=torch.stack(forcing.agree, 1), logprob=torch.stack(forcing.logprob, 1),
+                    kl=torch.stack(forcing.kl, 1) if forcing.kl else None,
+                    free=out[rows:, input_ids.shape[1]:] if free_run else None)
 
 
 def teacher_forced(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, reference: Tensor,
-                   reference_logits: Tensor | None = None) -> Fidelity:
-    """Drive ``model`` (patched or not) along ``reference`` and compare its predictions step by step."""
-    forcing = TeacherForcing(reference, reference_logits)
-    steps = reference.shape[1]
-    model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=steps, min_new_tokens=steps,
-                   do_sample=False, logits_processor=LogitsProcessorList([forcing]),
-                   pad_token_id=model.generation_config.pad_token_id or 0)
-    agree = torch.stack(forcing.agree, 1).float()
-    kl = torch.stack(forcing.kl, 1).mean().item() if forcing.kl else float("nan")
-    return Fidelity(top1=agree.mean().item(), kl=kl, steps=steps)
+                   reference_logprobs: Tensor | None = None) -> Fidelity:
+    """Mean top-1 agreement and KL of ``model`` along ``reference`` (see :func:`stream`)."""
+    result = stream(model, input_ids, attention_mask, reference, reference_logprobs)
+    kl = result.kl.mean().item() if result.kl is not None else float("nan")
+    return Fidelity(top1=result.agree.float().mean().item(), kl=kl, steps=reference.shape[1])
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over whitespace words (longest common subsequence)."""
+    a, b = candidate.split(), reference.split()
+    if not a or not b:
+        return float(a == b)
+    previous = [0] * (len(b) + 1)
+    for word in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)

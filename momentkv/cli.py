@@ -4,7 +4,62 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from momentkv.evals.suite import WORKLOADS, Settings
+
+    defaults = Settings()
+    words = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
+    ints = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
+    parser.add_argument("--out", default="results/eval/fidelity.json",
+                        help="results JSON; an existing file is resumed (finished cells are skipped)")
+    parser.add_argument("--workloads", type=words, default=defaults.workloads, help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    parser.add_argument("--methods", type=words, default=(), help="comma-separated method names (default: all)")
+    for name, value in vars(defaults).items():
+        if name in ("workloads", "methods"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, tuple):
+            parser.add_argument(flag, type=words if isinstance(value[0], str) else ints, default=value,
+                                help=f"comma-separated (default {','.join(map(str, value))})")
+        else:
+            parser.add_argument(flag, type=int, default=value, help=f"(default {value})")
+    parser.add_argument("--kvpress-python", default=os.environ.get("KVPRESS_PYTHON"),
+                        help="Python of an environment with kvpress 0.5.5, to add its presses (default $KVPRESS_PYTHON)")
+    parser.add_argument("--report-only", action="store_true", help="only write the markdown table and plots")
+
+
+def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from dataclasses import fields
+    from pathlib import Path
+
+    from momentkv.evals.report import write_report
+    from momentkv.evals.suite import Results, Settings, Suite
+
+    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    try:
+        settings.check()
+    except ValueError as error:
+        parser.error(str(error))
+    results = Results(Path(args.out))
+    if not args.report_only:
+        import torch
+
+        from momentkv.evals.models import load_smollm2, smollm2_checkpoint
+
+        torch.manual_seed(0)
+        model, tokenizer = load_smollm2()
+        try:
+            suite = Suite(model, tokenizer, settings, results, str(smollm2_checkpoint()), args.kvpress_python)
+        except ValueError as error:
+            parser.error(str(error))
+        suite.run()
+    for path in write_report(results):
+        print(f"wrote {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     longrun.add_argument("--device", default="cpu")
     longrun.add_argument("--budget", type=int, default=32)
     longrun.add_argument("--out", help="write the results as JSON to this file")
+    evaluate = commands.add_parser("eval", help="fidelity of every method against the full cache (SmolLM2, offline)")
+    add_eval_arguments(evaluate)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -96,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
+    elif args.command == "eval":
+        return run_eval(args, parser)
     elif args.command == "long-run":
         import torch
 

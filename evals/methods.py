@@ -1,0 +1,75 @@
+"""The methods compared, each a named setting of :class:`MomentKVConfig` (or the full cache).
+
+Every baseline runs through the same engine, so differences come from the rule alone.
+``variants`` are rules tried while choosing the defaults; they stay in the tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from momentkv import MomentKVConfig
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    options: dict[str, Any] = field(default_factory=dict)
+    recent_fraction: float | None = None  # protected recent window as a fraction of the budget
+
+    def config(self, budget: int, **extra: Any) -> MomentKVConfig:
+        options = dict(self.options, **extra)
+        if self.recent_fraction is not None:
+            options["recent_window"] = int(self.recent_fraction * budget)
+        return MomentKVConfig(budget=budget, **options)
+
+
+FULL = "full"
+_PLAIN = dict(correction="none")
+_UNPROTECTED = dict(protect_prompt=False, sinks=4)
+
+BASELINES = (
+    Method("momentum", "momentkv's defaults without moment correction", _PLAIN),
+    Method("window+moments", "recency window, prompt kept, with moment correction", dict(policy="window")),
+    Method("window", "recency window, prompt kept", dict(policy="window", **_PLAIN)),
+    Method("streamingllm", "recency window over prompt and decode tokens, 4 sinks kept",
+           dict(policy="window", **_PLAIN, **_UNPROTECTED)),
+    Method("h2o", "cumulative attention, half the budget a recent window (H2O)",
+           dict(alpha=1.0, bias_correction=False, **_PLAIN), recent_fraction=0.5),
+    Method("tova", "instantaneous attention per KV head (TOVA)",
+           dict(alpha=0.0, bias_correction=False, recent_window=0, **_PLAIN)),
+    Method("tova-layer", "instantaneous attention shared across a layer's heads (TOVA as published)",
+           dict(alpha=0.0, bias_correction=False, recent_window=0, scope="layer", **_PLAIN)),
+    Method("random", "uniformly random eviction", dict(policy="random", **_PLAIN)),
+)
+
+MOMENTKV = Method("momentkv", "momentkv's defaults: momentum eviction and moment correction")
+
+# Rules tried while choosing the defaults (held-apart prompts); kept in every table.
+VARIANTS = (
+    Method("momentkv-protected-r8", "momentum a=0.9, bias-corrected, 8 recent protected, prompt kept",
+           dict(protect_prompt=True, recent_window=8)),
+    Method("momentkv-protected-r50", "as above with half the budget a recent window, prompt kept",
+           dict(protect_prompt=True), recent_fraction=0.5),
+    Method("momentkv-open-r50", "prompt competes (4 sinks), half the budget recent", _UNPROTECTED,
+           recent_fraction=0.5),
+    Method("momentkv-open-r100", "prompt competes (4 sinks), the whole budget recent: momentum picks which "
+           "prompt and older tokens stay", _UNPROTECTED, recent_fraction=1.0),
+    Method("momentkv-open-r100-a50", "as above with alpha 0.5", dict(alpha=0.5, **_UNPROTECTED),
+           recent_fraction=1.0),
+    Method("momentkv-open-r100-layer", "as above, one victim per layer", dict(scope="layer", **_UNPROTECTED),
+           recent_fraction=1.0),
+    Method("momentkv-open-r100-plain", "as momentkv-open-r100 without moment correction",
+           dict(**_UNPROTECTED, **_PLAIN), recent_fraction=1.0),
+    Method("streamingllm+moments", "StreamingLLM with moment correction", dict(policy="window", **_UNPROTECTED)),
+)
+
+METHODS: dict[str, Method] = {m.name: m for m in (MOMENTKV, *BASELINES, *VARIANTS)}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {FULL}, {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,124 @@
+"""Markdown tables and plots from a results file of ``momentkv eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .suite import Results
+
+METRICS = {  # workload -> (metric, better, label)
+    "sweep": (("top1", "max", "top-1 %"), ("kl", "min", "KL")),
+    "long-generation": (("top1", "max", "top-1 %"), ("kl", "min", "KL"), ("rouge_l", "max", "ROUGE-L")),
+    "long-prompt": (("top1", "max", "top-1 %"), ("kl", "min", "KL"), ("rouge_l", "max", "ROUGE-L")),
+    "perplexity": (("perplexity", "min", "perplexity"),),
+    "retrieval": (("accuracy", "max", "accuracy %"),),
+}
+
+
+def _column(key: str) -> str:
+    """The column a cell belongs to: everything after workload and method."""
+    return "/".join(key.split("/")[2:])
+
+
+def tables(results: Results) -> dict[str, tuple[list[str], list[str], dict]]:
+    """workload -> (methods, columns, {(method, column): entry}), methods in first-seen order."""
+    out: dict[str, tuple[list[str], list[str], dict]] = {}
+    for key, entry in results.data["cells"].items():
+        workload, name = key.split("/")[:2]
+        methods, columns, cells = out.setdefault(workload, ([], [], {}))
+        column = _column(key)
+        if name not in methods:
+            methods.append(name)
+        if column not in columns:
+            columns.append(column)
+        cells[(name, column)] = entry
+    for methods, columns, _ in out.values():
+        columns.sort(key=lambda c: [int(p) if p.isdigit() else p for p in c.replace("x", "").split("/")])
+    return out
+
+
+def _format(metric: str, value: float) -> str:
+    if metric in ("top1", "accuracy"):
+        return f"{100 * value:.1f}"
+    if metric == "rouge_l":
+        return f"{value:.3f}"
+    if metric == "perplexity":
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def markdown(results: Results) -> str:
+    lines = [f"# momentkv fidelity ({results.data.get('environment', {}).get('model', 'model')})", ""]
+    settings = results.data.get("settings", {})
+    for workload, (methods, columns, cells) in tables(results).items():
+        lines += [f"## {workload}", ""]
+        if workload == "retrieval":
+            lines.append(f"Column: decode budget/task/context tokens/prefill compression; {settings.get('retrieval_samples')} samples each.")
+        else:
+            lines.append("Column: decode budget (and prefill budget). Cache tokens per KV head in parentheses.")
+        lines.append("Bold: best compressed method in the column.")
+        lines.append("")
+        for metric, better, label in METRICS[workload]:
+            lines += [f"**{label}**", "", "| method | " + " | ".join(columns) + " |",
+                      "|---|" + "---|" * len(columns)]
+            best = {}
+            for column in columns:
+                values = [cells[(m, column)][metric] for m in methods
+                          if m != "full" and (m, column) in cells and metric in cells[(m, column)]]
+                if values:
+                    best[column] = (max if better == "max" else min)(values)
+            for name in methods:
+                row = []
+                for column in columns:
+                    entry = cells.get((name, column))
+                    if entry is None or metric not in entry:
+                        row.append("—")
+                        continue
+                    text = _format(metric, entry[metric])
+                    if name != "full" and entry[metric] == best.get(column):
+                        text = f"**{text}**"
+                    row.append(f"{text} ({entry['cache_tokens']:.0f})")
+                lines.append(f"| {name} | " + " | ".join(row) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: Results, workload: str, metric: str, label: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, columns, cells = tables(results)[workload]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    budget_columns = [c for c in columns if c.isdigit()]
+    for name in methods:
+        points = [(int(c), cells[(name, c)][metric]) for c in budget_columns if (name, c) in cells]
+        if name == "full" or len(points) < 1:
+            continue
+        xs, ys = zip(*points)
+        ax.plot(xs, [100 * y if metric == "top1" else y for y in ys], marker="o", label=name,
+                linewidth=2.5 if name.startswith("momentkv") and name.count("-") == 0 else 1.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("decode budget (slots per KV head)")
+    ax.set_ylabel(label)
+    ax.set_title(f"{workload}: {label} against budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: Results) -> list[Path]:
+    """``<out>.md`` beside the results file, and one PNG per workload and metric with budget columns."""
+    written = [results.path.with_suffix(".md")]
+    written[0].write_text(markdown(results))
+    for workload, (methods, columns, _) in tables(results).items():
+        if workload == "retrieval" or not any(c.isdigit() for c in columns):
+            continue
+        for metric, _, label in METRICS[workload]:
+            path = results.path.with_name(f"{results.path.stem}-{workload}-{metric}.png")
+            plot(results, workload, metric, label, path)
+            written.append(path)
+    return written

@@ -1,0 +1,329 @@
+"""``momentkv eval``: every workload x method x budget, resumable, results in one JSON file.
+
+Each finished cell is written at once, so an interrupted run continues where it stopped.
+The full-cache reference of a workload (tokens and log-probabilities) is computed once and
+kept in the cache folder. Memory is compared as total cache tokens per KV head: the prompt
+slots actually used plus the decode budget (or the prefill budget plus the decode budget).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+import momentkv
+
+from .fidelity import full_cache_reference, rouge_l, stream
+from .kvpress_fidelity import PRESSES
+from .methods import FULL, METHODS, method
+from .models import cache_home, chat_prompt
+from .workloads import (
+    RETRIEVAL_TASKS,
+    documents,
+    long_answer_requests,
+    passage_requests,
+    retrieval_samples,
+    retrieval_score,
+)
+
+KVPRESS = tuple(f"kvpress-{p}" for p in PRESSES)
+
+
+def is_kvpress(name: str) -> bool:
+    return name.startswith("kvpress-")
+
+
+WORKLOADS = ("sweep", "long-generation", "long-prompt", "perplexity", "retrieval")
+
+
+@dataclass
+class Settings:
+    """What a run covers. The defaults are the full evaluation; CI and quick checks shrink them."""
+
+    workloads: tuple[str, ...] = ("long-generation", "long-prompt", "perplexity", "retrieval")
+    methods: tuple[str, ...] = ()  # empty: every method
+    budgets: tuple[int, ...] = (32, 64, 128, 256)
+    prompts: int = 16
+    new_tokens: int = 1024
+    sweep_prompts: int = 8
+    sweep_tokens: int = 256
+    passages: int = 4
+    passage_tokens: int = 2048
+    passage_new_tokens: int = 256
+    passage_prefill_budgets: tuple[int, ...] = (256,)
+    documents: int = 4
+    document_tokens: int = 4096
+    document_prompt: int = 32
+    retrieval_lengths: tuple[int, ...] = (2048, 4096, 6144)
+    retrieval_samples: int = 8
+    retrieval_tasks: tuple[str, ...] = RETRIEVAL_TASKS
+    compressions: tuple[int, ...] = (2, 4, 8)
+    retrieval_budget: int = 32
+    batch: int = 16
+
+    def check(self) -> None:
+        for name in self.workloads:
+            if name not in WORKLOADS:
+                raise ValueError(f"workloads: unknown {name!r}; known: {', '.join(WORKLOADS)}")
+        for name in self.methods:
+            if name not in KVPRESS and name != FULL:
+                method(name)
+        for name in self.retrieval_tasks:
+            if name not in RETRIEVAL_TASKS:
+                raise ValueError(f"retrieval_tasks: unknown {name!r}; known: {', '.join(RETRIEVAL_TASKS)}")
+        for name in ("prompts", "new_tokens", "sweep_prompts", "sweep_tokens", "passages", "passage_tokens",
+                     "passage_new_tokens", "documents", "retrieval_samples", "retrieval_budget", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.document_prompt < self.document_tokens:
+            raise ValueError(f"document_prompt must be in [1, document_tokens), got {self.document_prompt}")
+        for name in ("budgets", "compressions", "passage_prefill_budgets", "retrieval_lengths"):
+            if not getattr(self, name) or min(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a non-empty list of ints >= 1, got {getattr(self, name)}")
+
+
+class Results:
+    """The results file: settings, environment and one entry per finished cell."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"cells": {}}
+
+    def done(self, key: str) -> bool:
+        return key in self.data["cells"]
+
+    def add(self, key: str, entry: dict[str, Any]) -> None:
+        self.data["cells"][key] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.path.with_suffix(".tmp")
+        staging.write_text(json.dumps(self.data, indent=1))
+        os.replace(staging, self.path)
+
+    def describe(self, settings: Settings, model_name: str) -> None:
+        self.data["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
+        self.data["environment"] = dict(model=model_name, torch=torch.__version__, python=platform.python_version(),
+                                        threads=torch.get_num_threads(), machine=platform.machine())
+
+
+def cell_key(workload: str, method_name: str, budget: int, *detail: Any) -> str:
+    return "/".join(str(x) for x in (workload, method_name, budget, *detail))
+
+
+def _cached(name: str, payload: Any, compute: Callable[[], Any]) -> Any:
+    """A full-cache reference, computed once per exact input and kept under the cache folder."""
+    digest = hashlib.sha256(repr(payload).encode()).hexdigest()[:16]
+    path = cache_home() / "eval-references" / f"{name}-{digest}.pt"
+    if path.exists():
+        return torch.load(path)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return value
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class Suite:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: Settings,
+                 results: Results, model_folder: str, kvpress_python: str | None = None):
+        settings.check()
+        self.model, self.tokenizer, self.settings, self.results = model, tokenizer, settings, results
+        self.model_folder, self.kvpress_python = model_folder, kvpress_python
+        if kvpress_python is None and any(is_kvpress(n) for n in settings.methods):
+            raise ValueError("kvpress methods need --kvpress-python (a Python with kvpress 0.5.5 installed)")
+        results.describe(settings, Path(model_folder).name)
+
+    def methods(self, workload: str = "") -> list[str]:
+        """Methods to run: kvpress's presses only on teacher-forced generation, where they apply."""
+        names = list(self.settings.methods) or [FULL, *METHODS] + (list(KVPRESS) if self.kvpress_python else [])
+        generation = workload in ("sweep", "long-generation")
+        return [n for n in names if generation or not is_kvpress(n)]
+
+    def _kvpress(self, name: str, budget: int, enc: Any, ref_tokens: Tensor, ref_logprobs: Tensor) -> dict[str, Any]:
+        """Teacher-forced fidelity of a kvpress press, in kvpress's own environment (see kvpress_fidelity.py)."""
+        prompts = [ids[mask.bool()] for ids, mask in zip(enc.input_ids, enc.attention_mask)]
+        with tempfile.TemporaryDirectory() as folder:
+            inputs = Path(folder) / "inputs.pt"
+            torch.save(dict(prompts=prompts, reference=ref_tokens, logprobs=ref_logprobs), inputs)
+            args = dict(model=self.model_folder, inputs=str(inputs), press=name.removeprefix("kvpress-"),
+                        budget=budget, threads=torch.get_num_threads())
+            run = subprocess.run([self.kvpress_python, str(Path(__file__).with_name("kvpress_fidelity.py")),
+                                  json.dumps(args)], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"kvpress run failed:\n{run.stderr[-3000:]}")
+        rows = json.loads(run.stdout.strip().splitlines()[-1])
+        prompt_tokens = sum(len(p) for p in prompts) / len(prompts)
+        return dict(top1=sum(rows["top1_rows"]) / len(prompts), kl=sum(rows["kl_rows"]) / len(prompts),
+                    cache_tokens=prompt_tokens + budget, **rows)
+
+    # -- generation workloads -------------------------------------------------------------
+    def _generation(self, workload: str, texts: list[str], new_tokens: int, free_run: bool,
+                    budgets: list[tuple[int, dict[str, Any]]], progress: tqdm) -> None:
+        """Teacher-forced top-1/KL (and free-run ROUGE-L) of each method along the full-cache greedy text."""
+        tok, s = self.tokenizer, self.settings
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        prompt_tokens = enc.attention_mask.sum(-1).float().mean().item()
+        batches = _batches(len(texts), s.batch)
+
+        def reference() -> tuple[Tensor, Tensor]:
+            parts = [full_cache_reference(self.model, enc.input_ids[b], enc.attention_mask[b], new_tokens) for b in batches]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+        ref_tokens, ref_logprobs = _cached(workload, (Path(self.model_folder).name, texts, new_tokens), reference)
+        ref_texts = tok.batch_decode(ref_tokens, skip_special_tokens=True)
+        for budget, extra in budgets:
+            for name in self.methods(workload):
+                detail = [f"prefill{extra['prefill_budget']}"] if extra else []
+                key = cell_key(workload, name, budget, *detail)
+                progress.set_postfix_str(key)
+                if self.results.done(key):
+                    progress.update()
+                    continue
+                start = time.perf_counter()
+                memory = extra.get("prefill_budget", prompt_tokens) + budget
+                if name == FULL:
+                    entry = dict(top1=1.0, kl=0.0, cache_tokens=prompt_tokens + new_tokens)
+                    if free_run:
+                        entry["rouge_l"] = 1.0
+                elif is_kvpress(name):
+                    entry = self._kvpress(name, budget, enc, ref_tokens, ref_logprobs)
+                else:
+                    agree, kl, rouge = [], [], []
+                    with momentkv.patched(self.model, config=method(name).config(budget, **extra)):
+                        for b in batches:
+                            out = stream(self.model, enc.input_ids[b], enc.attention_mask[b], ref_tokens[b],
+                                         ref_logprobs[b], free_run=free_run)
+                            agree.append(out.agree.float().mean(-1))
+                            kl.append(out.kl.mean(-1))
+                            if free_run:
+                                free = tok.batch_decode(out.free, skip_special_tokens=True)
+                                rouge += [rouge_l(f, r) for f, r in zip(free, ref_texts[b])]
+                    agree_rows, kl_rows = torch.cat(agree), torch.cat(kl)
+                    entry = dict(top1=agree_rows.mean().item(), kl=kl_rows.mean().item(), cache_tokens=memory,
+                                 top1_rows=agree_rows.tolist(), kl_rows=kl_rows.tolist())
+                    if free_run:
+                        entry.update(rouge_l=sum(rouge) / len(rouge), rouge_l_rows=rouge)
+                entry.update(budget=budget, seconds=time.perf_counter() - start, **extra)
+                self.results.add(key, entry)
+                progress.update()
+
+    def _chat(self, messages: list[str]) -> list[str]:
+        return [chat_prompt(self.tokenizer, m) for m in messages]
+
+    # -- streaming perplexity ---------------------------------------------------------------
+    def _perplexity(self, progress: tqdm) -> None:
+        s = self.settings
+        docs = torch.tensor(documents(self.tokenizer, s.documents, s.document_tokens))
+        prompt, rest = docs[:, : s.document_prompt], docs[:, s.document_prompt:]
+        mask = torch.ones_like(prompt)
+        for budget in s.budgets:
+            for name in self.methods("perplexity"):
+                key = cell_key("perplexity", name, budget)
+                progress.set_postfix_str(key)
+                if self.results.done(key):
+                    progress.update()
+                    continue
+                start = time.perf_counter()
+                if name == FULL:  # one forward over each document is the full cache's streaming result
+                    with torch.no_grad():
+                        logits = torch.cat([self.model(docs[b]).logits for b in _batches(len(docs), s.batch)])
+                    logprob = torch.log_softmax(logits[:, s.document_prompt - 1:-1].float(), -1)
+                    nll = -logprob.gather(-1, rest[..., None]).squeeze(-1)
+                    memory = s.document_tokens
+                else:
+                    with momentkv.patched(self.model, config=method(name).config(budget)):
+                        nll = torch.cat([-stream(self.model, prompt[b], mask[b], rest[b], mask_eos=False).logprob
+                                         for b in _batches(len(docs), s.batch)])
+                    memory = s.document_prompt + budget
+                rows = nll.mean(-1)
+                self.results.add(key, dict(perplexity=math.exp(rows.mean().item()), nll_rows=rows.tolist(),
+                                           cache_tokens=memory, budget=budget,
+                                           seconds=time.perf_counter() - start))
+                progress.update()
+
+    # -- long-context retrieval ---------------------------------------------------------------
+    def _retrieval(self, progress: tqdm) -> None:
+        s, tok = self.settings, self.tokenizer
+        budget = s.retrieval_budget
+        for task in s.retrieval_tasks:
+            for length in s.retrieval_lengths:
+                samples = retrieval_samples(tok, task, length, s.retrieval_samples)
+                texts = [chat_prompt(tok, x.message) + x.answer_prefix for x in samples]
+                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                for compression in s.compressions:
+                    for name in self.methods("retrieval"):
+                        key = cell_key("retrieval", name, budget, task, length, f"x{compression}")
+                        progress.set_postfix_str(key)
+                        if self.results.done(key) or (name == FULL and compression != s.compressions[0]):
+                            progress.update()
+                            continue
+                        start = time.perf_counter()
+                        prefill = length // compression
+                        outputs = []
+                        if name == FULL:
+                            outputs = self._answers(enc)
+                            memory = enc.attention_mask.sum(-1).float().mean().item() + 32
+                        else:
+                            with momentkv.patched(self.model, config=method(name).config(budget, prefill_budget=prefill)):
+                                outputs = self._answers(enc)
+                            memory = prefill + budget
+                        scores = [retrieval_score(o, x.answers) for o, x in zip(outputs, samples)]
+                        self.results.add(key, dict(accuracy=sum(scores) / len(scores), scores=scores,
+                                                   outputs=outputs, cache_tokens=memory, budget=budget,
+                                                   prefill_budget=None if name == FULL else prefill,
+                                                   seconds=time.perf_counter() - start))
+                        progress.update()
+
+    def _answers(self, enc: Any) -> list[str]:
+        outputs = []
+        for b in _batches(enc.input_ids.shape[0], max(1, self.settings.batch // 4)):
+            ids = enc.input_ids[b]
+            out = self.model.generate(input_ids=ids, attention_mask=enc.attention_mask[b], max_new_tokens=32,
+                                      do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            outputs += self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        return outputs
+
+    # -- driver -------------------------------------------------------------------------------------
+    def cells(self, workload: str) -> int:
+        s, m = self.settings, len(self.methods(workload))
+        return {"sweep": len(s.budgets) * m, "long-generation": len(s.budgets) * m,
+                "long-prompt": len(s.budgets) * m * (1 + len(s.passage_prefill_budgets)),
+                "perplexity": len(s.budgets) * m,
+                "retrieval": len(s.retrieval_tasks) * len(s.retrieval_lengths) * len(s.compressions) * m}[workload]
+
+    def run(self) -> None:
+        s = self.settings
+        with tqdm(total=sum(self.cells(w) for w in s.workloads), desc="momentkv eval", unit="cell") as progress:
+            for workload in s.workloads:
+                if workload == "sweep":
+                    texts = self._chat(long_answer_requests("heldout", s.sweep_prompts))
+                    self._generation("sweep", texts, s.sweep_tokens, False, [(b, {}) for b in s.budgets], progress)
+                elif workload == "long-generation":
+                    texts = self._chat(long_answer_requests("eval", s.prompts))
+                    self._generation(workload, texts, s.new_tokens, True, [(b, {}) for b in s.budgets], progress)
+                elif workload == "long-prompt":
+                    texts = self._chat(passage_requests(self.tokenizer, s.passages, s.passage_tokens))
+                    grid = [(b, extra) for b in s.budgets
+                            for extra in [{}] + [dict(prefill_budget=p) for p in s.passage_prefill_budgets]]
+                    self._generation(workload, texts, s.passage_new_tokens, True, grid, progress)
+                elif workload == "perplexity":
+                    self._perplexity(progress)
+                else:
+                    self._retrieval(progress)
