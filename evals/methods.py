@@ -32,6 +32,7 @@ _UNPROTECTED = dict(protect_prompt=False, sinks=4)
 
 BASELINES = (
     Method("momentum", "momentkv's defaults without moment correction", _PLAIN),
+    Method("momentum-open", "momentkv-open without moment correction", dict(**_PLAIN, **_UNPROTECTED)),
     Method("window+moments", "recency window, prompt kept, with moment correction", dict(policy="window")),
     Method("window", "recency window, prompt kept", dict(policy="window", **_PLAIN)),
     Method("streamingllm", "recency window over prompt and decode tokens, 4 sinks kept",
@@ -45,7 +46,12 @@ BASELINES = (
     Method("random", "uniformly random eviction", dict(policy="random", **_PLAIN)),
 )
 
-MOMENTKV = Method("momentkv", "momentkv's defaults: momentum eviction and moment correction")
+MOMENTKV = (
+    Method("momentkv", "momentkv's defaults, prompt kept: momentum (a=0.9, bias-corrected), half the budget "
+           "a recent window, moment correction"),
+    Method("momentkv-open", "momentkv's defaults with prompt tokens competing (protect_prompt=False, 4 sinks): "
+           "the whole budget a recent window, momentum picks the prompt and older tokens kept", _UNPROTECTED),
+)
 
 # Rules tried while choosing the defaults (held-apart prompts); kept in every table.
 VARIANTS = (
@@ -66,7 +72,7 @@ VARIANTS = (
     Method("streamingllm+moments", "StreamingLLM with moment correction", dict(policy="window", **_UNPROTECTED)),
 )
 
-METHODS: dict[str, Method] = {m.name: m for m in (MOMENTKV, *BASELINES, *VARIANTS)}
+METHODS: dict[str, Method] = {m.name: m for m in (*MOMENTKV, *BASELINES, *VARIANTS)}
 
 
 def method(name: str) -> Method:

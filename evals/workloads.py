@@ -101,6 +101,7 @@ class RetrievalSample:
     message: str  # the user turn: haystack with the hidden facts, then the question
     answer_prefix: str  # the start of the assistant's answer
     answers: tuple[str, ...]  # every one must appear in the output
+    hidden: tuple[str, ...]  # every value hidden in the haystack (the answers and the distractors)
 
 
 RETRIEVAL_TASKS = ("niah_single", "niah_multikey", "variable_tracking")
@@ -144,7 +145,7 @@ def retrieval_samples(tokenizer: PreTrainedTokenizerBase, task: str, context_tok
             facts = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
             question = f"Find all variables that are assigned the value {value} in the text above."
             prefix = f"Answer: the variables assigned the value {value} are:"
-            answers = tuple(names)
+            answers = hidden = tuple(names)
         else:
             keys = rng.sample(KEY_WORDS, 4 if task == "niah_multikey" else 1)
             numbers = [_number(rng) for _ in keys]
@@ -152,13 +153,13 @@ def retrieval_samples(tokenizer: PreTrainedTokenizerBase, task: str, context_tok
             rng.shuffle(facts)
             question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
             prefix = f"The special magic number for {keys[0]} mentioned in the provided text is"
-            answers = (numbers[0],)
+            answers, hidden = (numbers[0],), tuple(numbers)
         depths = sorted(rng.randrange(len(hay) + 1) for _ in facts)
         for offset, (depth, fact) in enumerate(zip(depths, facts)):
             hay.insert(depth + offset, fact)
         intro = ("Some special facts are hidden within the following text. Memorize them; I will quiz you "
                  "about them afterwards.")
-        samples.append(RetrievalSample(task, f"{intro}\n{' '.join(hay)}\n{question}", prefix, answers))
+        samples.append(RetrievalSample(task, f"{intro}\n{' '.join(hay)}\n{question}", prefix, answers, hidden))
     return samples
 
 

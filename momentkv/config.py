@@ -49,8 +49,10 @@ class MomentKVConfig:
     bias_correction: divide the score by the same EMA of ones (Adam-style), so new
         tokens are not penalised for having been seen fewer times.
     policy: "momentum" (lowest score goes), "window" (oldest goes), "random".
-    recent_window: the most recent tokens that are never evicted (<= budget);
-        default ``min(8, budget // 2)``.
+    recent_window: the most recent tokens that are never evicted (<= budget); default half
+        the budget with the prompt kept, the whole budget when prompt tokens compete (then
+        momentum chooses which prompt and older tokens stay). Chosen on held-apart prompts
+        (results/eval/sweep.md).
     correction: "moments" adds the evicted set back as a virtual key; "none" drops it.
     protect_prompt: keep every prompt token (default); if False, prompt tokens
         compete with decode tokens for slots, except the first ``sinks``.
@@ -88,7 +90,7 @@ class MomentKVConfig:
         _check_bool("bias_correction", self.bias_correction)
         _check_choice("policy", self.policy, POLICIES)
         if self.recent_window is None:
-            object.__setattr__(self, "recent_window", min(8, self.budget // 2))
+            object.__setattr__(self, "recent_window", self.budget // 2 if self.protect_prompt else self.budget)
         _check_int("recent_window", self.recent_window, 0, self.budget)
         _check_choice("correction", self.correction, CORRECTIONS)
         _check_bool("protect_prompt", self.protect_prompt)

@@ -1,0 +1,96 @@
+"""lm-evaluation-harness with the budgeted cache: the ``momentkv`` model and the ``momentkv-lm-eval`` command.
+
+``--model momentkv --model_args pretrained=<folder or "smollm2">,budget=64,alpha=0.9,...`` takes every
+:class:`MomentKVConfig` option (plus ``compile``). ``generate_until`` runs through the patched
+``generate``. Log-likelihoods stream the continuation through the compressed cache one token
+at a time (the context is the prompt), instead of lm-eval's single full-sequence forward, which
+would never evict anything.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+from transformers import LogitsProcessorList
+
+import momentkv
+from momentkv import MomentKVConfig
+
+from .fidelity import TeacherForcing
+from .models import smollm2_checkpoint
+
+TASKS = Path(__file__).with_name("tasks")
+OPTIONS = {f.name for f in fields(MomentKVConfig)}
+
+
+def resolve_pretrained(pretrained: Any) -> Any:
+    """"smollm2" names the offline SmolLM2-135M-Instruct checkpoint; anything else is passed through."""
+    return str(smollm2_checkpoint()) if pretrained == "smollm2" else pretrained
+
+
+@register_model("momentkv")
+class MomentKVLM(HFLM):
+    """lm-eval's HF model with ``momentkv.patch`` applied."""
+
+    def __init__(self, pretrained: Any = "smollm2", budget: int = 64, compile: bool | None = None, **kwargs: Any):
+        options = {name: kwargs.pop(name) for name in list(kwargs) if name in OPTIONS}
+        self.momentkv_config = MomentKVConfig(budget=budget, **options)  # validated before the model loads
+        kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        super().__init__(pretrained=resolve_pretrained(pretrained), **kwargs)
+        momentkv.patch(self.model, config=self.momentkv_config, compile=compile)
+
+    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
+                              override_bs: int | None = None) -> list[tuple[float, bool]]:
+        """(sum of log-probabilities, continuation is greedy) per request, through the compressed cache."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        batch = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 1)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for start in tqdm(range(0, len(order), batch), disable=disable_tqdm or self.rank != 0,
+                          desc="Streaming loglikelihood requests"):
+            chunk = [requests[i] for i in order[start:start + batch]]
+            for index, answer in zip(order[start:start + batch], self._stream(chunk)):
+                results[index] = answer
+                request_str = requests[index][0]
+                if request_str is not None:
+                    self.cache_hook.add_partial("loglikelihood", request_str, answer)
+        return results
+
+    def _stream(self, chunk: list) -> list[tuple[float, bool]]:
+        """Prefill each context (left-padded), then force each continuation token by token."""
+        contexts, continuations = [], []
+        for _, context, continuation in chunk:
+            whole = (context + continuation)[-(self.max_length + 1):]  # lm-eval truncates from the left
+            contexts.append(whole[:len(whole) - len(continuation)] or whole[:1])
+            continuations.append(whole[len(contexts[-1]):])
+        width, steps = max(map(len, contexts)), max(map(len, continuations))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=self.device)
+        targets = torch.tensor([c + [pad] * (steps - len(c)) for c in continuations], device=self.device)
+        forcing = TeacherForcing(targets)
+        self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                            eos_token_id=None, pad_token_id=pad, logits_processor=LogitsProcessorList([forcing]))
+        logprob, agree = torch.stack(forcing.logprob, 1), torch.stack(forcing.agree, 1)
+        return [(logprob[row, :len(c)].sum().item(), bool(agree[row, :len(c)].all()))
+                for row, c in enumerate(continuations)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``momentkv-lm-eval``: lm-eval's own command line, with the ``momentkv`` model registered and
+    momentkv's offline tasks on the include path."""
+    from lm_eval.__main__ import cli_evaluate
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("run", "ls", "validate", "-h", "--help"):
+        argv = ["run", *argv]  # lm-eval's subcommands; without one it runs "run"
+    if argv and argv[0] in ("run", "ls", "validate") and "--include_path" not in argv:
+        argv += ["--include_path", str(TASKS)]
+    sys.argv = ["momentkv-lm-eval", *argv]
+    cli_evaluate()

