@@ -57,6 +57,8 @@ MOMENTKV = (
 VARIANTS = (
     Method("momentkv-protected-r8", "momentum a=0.9, bias-corrected, 8 recent protected, prompt kept",
            dict(protect_prompt=True, recent_window=8)),
+    Method("momentum-r8", "momentkv-protected-r8 without moment correction (the prototype's rule)",
+           dict(protect_prompt=True, recent_window=8, **_PLAIN)),
     Method("momentkv-protected-r50", "as above with half the budget a recent window, prompt kept",
            dict(protect_prompt=True), recent_fraction=0.5),
     Method("momentkv-open-r50", "prompt competes (4 sinks), half the budget recent", _UNPROTECTED,
