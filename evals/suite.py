@@ -47,6 +47,8 @@ def is_kvpress(name: str) -> bool:
     return name.startswith("kvpress-")
 
 
+ANSWER_TOKENS = 32  # new tokens generated per retrieval answer
+
 WORKLOADS = ("sweep", "long-generation", "long-prompt", "perplexity", "retrieval")
 
 
@@ -279,7 +281,7 @@ class Suite:
                         outputs = []
                         if name == FULL:
                             outputs = self._answers(enc)
-                            memory = enc.attention_mask.sum(-1).float().mean().item() + 32
+                            memory = enc.attention_mask.sum(-1).float().mean().item() + ANSWER_TOKENS
                         else:
                             with momentkv.patched(self.model, config=method(name).config(budget, prefill_budget=prefill)):
                                 outputs = self._answers(enc)
@@ -295,7 +297,8 @@ class Suite:
         outputs = []
         for b in _batches(enc.input_ids.shape[0], max(1, self.settings.batch // 4)):
             ids = enc.input_ids[b]
-            out = self.model.generate(input_ids=ids, attention_mask=enc.attention_mask[b], max_new_tokens=32,
+            out = self.model.generate(input_ids=ids, attention_mask=enc.attention_mask[b],
+                                      max_new_tokens=ANSWER_TOKENS,
                                       do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
             outputs += self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         return outputs
