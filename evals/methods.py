@@ -50,7 +50,8 @@ MOMENTKV = (
     Method("momentkv", "momentkv's defaults, prompt kept: momentum (a=0.9, bias-corrected), half the budget "
            "a recent window, moment correction"),
     Method("momentkv-open", "momentkv's defaults with prompt tokens competing (protect_prompt=False, 4 sinks): "
-           "the whole budget a recent window, momentum picks the prompt and older tokens kept", _UNPROTECTED),
+           "the newest max(budget, 64) tokens kept, momentum picks which prompt and older tokens fill the rest",
+           _UNPROTECTED),
 )
 
 # Rules tried while choosing the defaults (held-apart prompts); kept in every table.
@@ -72,6 +73,10 @@ VARIANTS = (
     Method("momentkv-open-r100-plain", "as momentkv-open-r100 without moment correction",
            dict(**_UNPROTECTED, **_PLAIN), recent_fraction=1.0),
     Method("streamingllm+moments", "StreamingLLM with moment correction", dict(policy="window", **_UNPROTECTED)),
+    Method("momentkv-open-w48", "prompt competes (4 sinks), the newest 48 tokens kept whatever the budget",
+           dict(recent_window=48, **_UNPROTECTED)),
+    Method("momentkv-open-w96", "prompt competes (4 sinks), the newest 96 tokens kept whatever the budget",
+           dict(recent_window=96, **_UNPROTECTED)),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in (*MOMENTKV, *BASELINES, *VARIANTS)}

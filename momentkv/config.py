@@ -18,6 +18,10 @@ POLICIES = ("momentum", "window", "random")
 CORRECTIONS = ("moments", "none")
 SCOPES = ("head", "layer")
 
+# The smallest default recent window when prompt tokens compete: below it, fidelity on the
+# held-apart prompts fell at every budget tried (results/eval/sweep.md).
+OPEN_RECENT_WINDOW = 64
+
 # Policy ids as the ops see them (ops take ints, not strings, so the compiled graph stays simple).
 POLICY_IDS = {"momentum": MOMENTUM, "window": WINDOW, "random": RANDOM}
 
@@ -49,10 +53,11 @@ class MomentKVConfig:
     bias_correction: divide the score by the same EMA of ones (Adam-style), so new
         tokens are not penalised for having been seen fewer times.
     policy: "momentum" (lowest score goes), "window" (oldest goes), "random".
-    recent_window: the most recent tokens that are never evicted (<= budget); default half
-        the budget with the prompt kept, the whole budget when prompt tokens compete (then
-        momentum chooses which prompt and older tokens stay). Chosen on held-apart prompts
-        (results/eval/sweep.md).
+    recent_window: the most recent tokens that are never evicted. With the prompt kept it is at
+        most the budget, default half of it. When prompt tokens compete it may be any size,
+        default ``max(budget, 64)``: momentum chooses which prompt and older tokens fill the
+        rest of the cache, and if the window leaves none to choose, the oldest goes (the
+        StreamingLLM rule). Both defaults were chosen on held-apart prompts (results/eval/sweep.md).
     correction: "moments" adds the evicted set back as a virtual key; "none" drops it.
     protect_prompt: keep every prompt token (default); if False, prompt tokens
         compete with decode tokens for slots, except the first ``sinks``.
@@ -90,8 +95,9 @@ class MomentKVConfig:
         _check_bool("bias_correction", self.bias_correction)
         _check_choice("policy", self.policy, POLICIES)
         if self.recent_window is None:
-            object.__setattr__(self, "recent_window", self.budget // 2 if self.protect_prompt else self.budget)
-        _check_int("recent_window", self.recent_window, 0, self.budget)
+            window = self.budget // 2 if self.protect_prompt else max(self.budget, OPEN_RECENT_WINDOW)
+            object.__setattr__(self, "recent_window", window)
+        _check_int("recent_window", self.recent_window, 0, self.budget if self.protect_prompt else None)
         _check_choice("correction", self.correction, CORRECTIONS)
         _check_bool("protect_prompt", self.protect_prompt)
         _check_int("sinks", self.sinks, 0)

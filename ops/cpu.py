@@ -9,6 +9,7 @@ a machine where inductor cannot compile falls back to them with a warning.
 from __future__ import annotations
 
 import os
+import types
 import warnings
 from typing import Callable
 
@@ -18,18 +19,25 @@ from .kernels import REFERENCES, register
 
 
 def _fused(reference: Callable) -> Callable:
-    compiled = torch.compile(reference, dynamic=False, fullgraph=True)
-    state = {"fn": compiled}
+    # One compiled copy per setting of the op's non-tensor arguments (budget, policy, window...):
+    # dynamo caps recompiles per code object, and a process comparing many settings (an eval
+    # sweep) would otherwise hit the cap and fall back to the slow eager body.
+    compiled: dict[tuple, Callable] = {}
+    state = {"fused": True}
 
     def kernel(*args):
+        if not state["fused"]:
+            return reference(*args)
+        key = tuple(a for a in args if not isinstance(a, torch.Tensor))
+        if key not in compiled:
+            copy = types.FunctionType(reference.__code__.replace(), reference.__globals__, reference.__name__)
+            compiled[key] = torch.compile(copy, dynamic=False, fullgraph=True)
         try:
-            return state["fn"](*args)
+            return compiled[key](*args)
         except Exception as error:  # no C++ toolchain, or an inductor bug: stay correct, get slower
-            if state["fn"] is reference:
-                raise
             warnings.warn(f"momentkv: fused CPU kernel unavailable ({type(error).__name__}: {error}); "
                           "using the eager reference", RuntimeWarning, stacklevel=2)
-            state["fn"] = reference
+            state["fused"] = False
             return reference(*args)
 
     return kernel

@@ -42,15 +42,24 @@ def evict_reference(
     free_slot int64 [B, H]; decode_len, seen int64 scalars (decode tokens written, tokens seen).
 
     Evicts iff ``decode_len > budget``. Candidates are valid, evictable slots older than the
-    ``recent_window`` newest tokens. ``shared`` averages scores over heads and evicts one slot
-    per sequence in every head. ``fold`` keeps the moments (off when no correction is used).
-    The plain-PyTorch kernel: runs on every device and is the reference for the others."""
+    ``recent_window`` newest tokens; if none is (a window larger than what prompt tokens
+    competing leave), the oldest evictable slot goes. ``shared`` averages scores over heads and
+    evicts one slot per sequence in every head. ``fold`` keeps the moments (off when no
+    correction is used). The plain-PyTorch kernel: runs on every device and is the reference
+    for the others."""
     over = decode_len > budget
-    candidates = valid & evictable & (positions < seen - recent_window)
+    evictable = valid & evictable
+    candidates = evictable & (positions < seen - recent_window)
     score = eviction_score(policy, importance, normalizer, positions, seen, bias_correction, seed)
+    age = positions.to(torch.float32)
     if shared:
         candidates = candidates.all(dim=1, keepdim=True).expand_as(candidates)
+        evictable = evictable.all(dim=1, keepdim=True).expand_as(evictable)
         score = score.mean(dim=1, keepdim=True).expand_as(score)
+        age = age.mean(dim=1, keepdim=True).expand_as(age)
+    fits = candidates.any(dim=-1, keepdim=True)
+    score = torch.where(fits, score, age)
+    candidates = torch.where(fits, candidates, evictable)
     victim = score.masked_fill(~candidates, float("inf")).argmin(dim=-1)
     gate = over & candidates.any(dim=-1)
     slot = victim[..., None]

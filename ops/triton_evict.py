@@ -31,9 +31,9 @@ def _hash_uniform(pos, step, lane, seed):
 def _score(IMP, NORM, POS, VALID, EVICTABLE, base, s, smask, step, threshold, lane, seed,
            POLICY: tl.constexpr, BIAS: tl.constexpr):
     ok = tl.load(VALID + base + s, mask=smask, other=0) != 0
-    ok = ok & (tl.load(EVICTABLE + base + s, mask=smask, other=0) != 0)
+    evictable = ok & (tl.load(EVICTABLE + base + s, mask=smask, other=0) != 0)
     pos = tl.load(POS + base + s, mask=smask, other=0)
-    ok = ok & (pos < threshold)
+    ok = evictable & (pos < threshold)
     if POLICY == 0:
         score = tl.load(IMP + base + s, mask=smask, other=0.0)
         if BIAS:
@@ -42,7 +42,7 @@ def _score(IMP, NORM, POS, VALID, EVICTABLE, base, s, smask, step, threshold, la
         score = pos.to(tl.float32)
     else:
         score = _hash_uniform(pos, step, lane, seed)
-    return ok, score
+    return ok, score, evictable, pos
 
 
 @triton.jit
@@ -63,24 +63,38 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FR
     threshold = step - recent
     best = float("inf")
     victim = 0
+    oldest = float("inf")  # fallback when no candidate lies outside the recent window: the oldest evictable
+    oldest_victim = 0
     for s0 in range(0, S, BLOCK):
         s = s0 + tl.arange(0, BLOCK)
         smask = s < S
         candidate = smask
+        fallback = smask
         total = tl.zeros([BLOCK], tl.float32)
+        age = tl.zeros([BLOCK], tl.float32)
         for hh in range(heads):
             lane = b * H + h0 + hh
-            ok, score = _score(IMP, NORM, POS, VALID, EVICTABLE, lane * S, s, smask, step, threshold, lane, seed,
-                               POLICY, BIAS)
+            ok, score, evictable, pos = _score(IMP, NORM, POS, VALID, EVICTABLE, lane * S, s, smask, step, threshold,
+                                               lane, seed, POLICY, BIAS)
             candidate = candidate & ok
+            fallback = fallback & evictable
             total += score
+            age += pos.to(tl.float32)
         total = tl.where(candidate, total / heads, float("inf"))
         block_best = tl.min(total, 0)
         block_victim = s0 + tl.argmin(total, 0)
         better = block_best < best
         victim = tl.where(better, block_victim, victim)
         best = tl.where(better, block_best, best)
-    gate = (tl.load(DECODE_LEN) > budget) & (best < float("inf"))
+        age = tl.where(fallback, age / heads, float("inf"))
+        block_oldest = tl.min(age, 0)
+        block_oldest_victim = s0 + tl.argmin(age, 0)
+        older = block_oldest < oldest
+        oldest_victim = tl.where(older, block_oldest_victim, oldest_victim)
+        oldest = tl.where(older, block_oldest, oldest)
+    fits = best < float("inf")
+    victim = tl.where(fits, victim, oldest_victim)
+    gate = (tl.load(DECODE_LEN) > budget) & (fits | (oldest < float("inf")))
     if gate:
         for hh in range(heads):
             lane = b * H + h0 + hh

@@ -140,9 +140,11 @@ class BudgetedLayer(CacheLayerMixin):
         if length > p:
             step = torch.full((), length, dtype=torch.int64, device=keys.device)
             score = eviction_score(cfg.policy_id, importance, normalizer, positions, step, cfg.bias_correction, cfg.seed)
-            protected = sink | (positions >= length - cfg.recent_window)
-            score = torch.where(protected, float("inf"), score).masked_fill(~valid, float("-inf"))
-            keep = score.topk(p, dim=-1).indices.sort(dim=-1).values
+            # Sinks first, then the recent window newest first (it may exceed the slots), then by score.
+            recent = positions >= length - cfg.recent_window
+            rank = torch.where(recent, 1e12 + positions.double(), score.double())
+            rank = torch.where(sink, 2e12, rank).masked_fill(~valid, float("-inf"))
+            keep = rank.topk(p, dim=-1).indices.sort(dim=-1).values
             kept = torch.zeros_like(valid).scatter_(-1, keep, True)
             if cfg.corrected:
                 merge_set(self.n, self.mu_k, self.mu_v, self.comoment, keys, values, valid & ~kept)

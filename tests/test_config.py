@@ -47,3 +47,16 @@ def test_baselines_are_settings():
 def test_prompt_slots_are_bucketed_and_capped(length, bucket, prefill_budget, slots):
     config = MomentKVConfig(budget=8, prompt_bucket=bucket, prefill_budget=prefill_budget)
     assert config.prompt_slots(length) == slots
+
+
+@pytest.mark.parametrize("budget, protect_prompt, window", [
+    (32, True, 16), (128, True, 64), (8, False, 64), (32, False, 64), (64, False, 64), (128, False, 128),
+])
+def test_default_recent_window(budget, protect_prompt, window):
+    assert MomentKVConfig(budget=budget, protect_prompt=protect_prompt).recent_window == window
+
+
+def test_window_may_exceed_budget_only_when_prompt_tokens_compete():
+    assert MomentKVConfig(budget=8, protect_prompt=False, recent_window=100).recent_window == 100
+    with pytest.raises(ValueError, match=r"recent_window must be an int in \[0, 8\]"):
+        MomentKVConfig(budget=8, recent_window=100)

@@ -63,6 +63,7 @@ SETTINGS = [
     dict(policy="window", protect_prompt=False, sinks=2, recent_window=1),
     dict(policy="momentum", protect_prompt=False, sinks=2, scope="layer", correction="none"),
     dict(policy="momentum", prefill_budget=6, sinks=2, recent_window=2),
+    dict(policy="momentum", protect_prompt=False, sinks=2, recent_window=40),  # window beyond the cache
 ]
 
 
@@ -89,6 +90,22 @@ def test_small_budget_stays_bounded(tiny_model, arch, settings):
         evicted = (ids.shape[1] + 29) - (ids.shape[1] - prompt_tokens)[:, None] - stored
         if settings.get("correction", "moments") == "moments":
             assert torch.equal(layer.n, evicted.float())
+
+
+def test_window_beyond_the_cache_keeps_sinks_and_the_newest(tiny_model):
+    """A recent window larger than the cache, prompt tokens competing: the StreamingLLM rule,
+    at prefill compression and at decode alike."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    with momentkv.patched(model, budget=4, protect_prompt=False, sinks=2, recent_window=40, prefill_budget=6,
+                          prompt_bucket=8):
+        greedy(model, ids, mask, 12)
+        layer = momentkv.state_of(model).cache.budgeted_layers[0]
+    seen = layer.seen.item()
+    for row, padding in enumerate((ids.shape[1] - mask.sum(-1)).tolist()):
+        for head in range(layer.num_heads):
+            kept = layer.positions[row, head][layer.valid[row, head]].sort().values.tolist()
+            assert kept == [padding, padding + 1, *range(seen - len(kept) + 2, seen)], (row, head)
 
 
 def test_memory_does_not_grow_with_generation_length(tiny_model):
