@@ -92,14 +92,17 @@ def plot(results: Results, workload: str, metric: str, label: str, path: Path) -
     methods, columns, cells = tables(results)[workload]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     budget_columns = [c for c in columns if c.isdigit()]
-    for name in methods:
+    colors = plt.get_cmap("tab20").colors  # enough distinct colours for a sweep's many rules
+    for i, name in enumerate(methods):
         points = [(int(c), cells[(name, c)][metric]) for c in budget_columns if (name, c) in cells]
         if name == "full" or len(points) < 1:
             continue
         xs, ys = zip(*points)
-        ax.plot(xs, [100 * y if metric == "top1" else y for y in ys], marker="o", label=name,
-                linewidth=2.5 if name.startswith("momentkv") and name.count("-") == 0 else 1.2)
+        ax.plot(xs, [100 * y if metric == "top1" else y for y in ys], marker="os^D"[i % 4], label=name,
+                color=colors[i % len(colors)], linewidth=2.5 if name in ("momentkv", "momentkv-open") else 1.2)
     ax.set_xscale("log", base=2)
+    if metric in ("kl", "perplexity"):
+        ax.set_yscale("log")  # spans orders of magnitude across budgets
     ax.set_xlabel("decode budget (slots per KV head)")
     ax.set_ylabel(label)
     ax.set_title(f"{workload}: {label} against budget")
