@@ -28,8 +28,6 @@ import momentkv
 from .kernel_bench import _versions
 from .step_timer import StepTimer, kv_bytes
 
-
-
 _COMPILE_CONFIGS: dict[str, CompileConfig] = {}
 
 
@@ -47,8 +45,8 @@ def _generate(model, ids, new_tokens: int, timer: StepTimer | None, full_cache: 
     criteria = StoppingCriteriaList([timer] if timer else [])
     generate = type(model).generate.__get__(model) if full_cache else model.generate
     return generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, stopping_criteria=criteria,
-                          return_dict_in_generate=True, **kwargs)
+                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, stopping_criteria=criteria,
+                    return_dict_in_generate=True, **kwargs)
 
 
 def run_system(system: str, model, ids, new_tokens: int, budget: int, kvpress_python: str | None,

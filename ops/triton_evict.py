@@ -46,6 +46,15 @@ def _score(IMP, NORM, POS, VALID, EVICTABLE, base, s, smask, step, threshold, la
 
 
 @triton.jit
+def _running_min(values, s0, best, index):
+    """Fold one block into a running (minimum, first index of it), as ``torch.argmin`` breaks ties."""
+    block_best = tl.min(values, 0)
+    block_index = s0 + tl.argmin(values, 0)
+    better = block_best < best
+    return tl.where(better, block_best, best), tl.where(better, block_index, index)
+
+
+@triton.jit
 def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FREE, DECODE_LEN, SEEN,
                   S, budget, recent, seed,
                   H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -80,18 +89,8 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FR
             fallback = fallback & evictable
             total += score
             age += pos.to(tl.float32)
-        total = tl.where(candidate, total / heads, float("inf"))
-        block_best = tl.min(total, 0)
-        block_victim = s0 + tl.argmin(total, 0)
-        better = block_best < best
-        victim = tl.where(better, block_victim, victim)
-        best = tl.where(better, block_best, best)
-        age = tl.where(fallback, age / heads, float("inf"))
-        block_oldest = tl.min(age, 0)
-        block_oldest_victim = s0 + tl.argmin(age, 0)
-        older = block_oldest < oldest
-        oldest_victim = tl.where(older, block_oldest_victim, oldest_victim)
-        oldest = tl.where(older, block_oldest, oldest)
+        best, victim = _running_min(tl.where(candidate, total / heads, float("inf")), s0, best, victim)
+        oldest, oldest_victim = _running_min(tl.where(fallback, age / heads, float("inf")), s0, oldest, oldest_victim)
     fits = best < float("inf")
     victim = tl.where(fits, victim, oldest_victim)
     gate = (tl.load(DECODE_LEN) > budget) & (fits | (oldest < float("inf")))
