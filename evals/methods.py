@@ -47,8 +47,8 @@ BASELINES = (
 )
 
 MOMENTKV = (
-    Method("momentkv", "momentkv's defaults, prompt kept: momentum (a=0.9, bias-corrected), half the budget "
-           "a recent window, moment correction"),
+    Method("momentkv", "momentkv's defaults, prompt kept: momentum (a=0.9, bias-corrected) chooses one eighth of "
+           "the budget, the rest a recent window, moment correction"),
     Method("momentkv-open", "momentkv's defaults with prompt tokens competing (protect_prompt=False, 4 sinks): "
            "the newest max(budget, 64) tokens kept, momentum picks which prompt and older tokens fill the rest",
            _UNPROTECTED),
@@ -62,6 +62,8 @@ VARIANTS = (
            dict(protect_prompt=True, recent_window=8, **_PLAIN)),
     Method("momentkv-protected-r50", "as above with half the budget a recent window, prompt kept",
            dict(protect_prompt=True), recent_fraction=0.5),
+    Method("momentkv-protected-r88", "as above with seven eighths of the budget a recent window, prompt kept",
+           dict(protect_prompt=True), recent_fraction=0.875),
     Method("momentkv-open-r50", "prompt competes (4 sinks), half the budget recent", _UNPROTECTED,
            recent_fraction=0.5),
     Method("momentkv-open-r100", "prompt competes (4 sinks), the whole budget recent: momentum picks which "
@@ -73,6 +75,10 @@ VARIANTS = (
     Method("momentkv-open-r100-plain", "as momentkv-open-r100 without moment correction",
            dict(**_UNPROTECTED, **_PLAIN), recent_fraction=1.0),
     Method("streamingllm+moments", "StreamingLLM with moment correction", dict(policy="window", **_UNPROTECTED)),
+    Method("momentkv-informed", "momentkv with moment-informed eviction: momentum of the attention the "
+           "moments would not recover (moment_weight=1)", dict(moment_weight=1.0)),
+    Method("momentkv-open-informed", "momentkv-open with moment-informed eviction (moment_weight=1)",
+           dict(moment_weight=1.0, **_UNPROTECTED)),
     Method("momentkv-open-w48", "prompt competes (4 sinks), the newest 48 tokens kept whatever the budget",
            dict(recent_window=48, **_UNPROTECTED)),
     Method("momentkv-open-w96", "prompt competes (4 sinks), the newest 96 tokens kept whatever the budget",

@@ -22,6 +22,10 @@ SCOPES = ("head", "layer")
 # held-apart prompts fell at every budget tried (results/eval/sweep.md).
 OPEN_RECENT_WINDOW = 64
 
+# With the prompt kept, momentum chooses one slot in this many of the budget; the rest is the
+# recent window. Half the budget fell behind the plain window at 512 tokens (results/eval/sweep-512.md).
+KEPT_MOMENTUM_SHARE = 8
+
 # Policy ids as the ops see them (ops take ints, not strings, so the compiled graph stays simple).
 POLICY_IDS = {"momentum": MOMENTUM, "window": WINDOW, "random": RANDOM}
 
@@ -32,6 +36,16 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None
     if value < low or (high is not None and value > high):
         accepted = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be an int {accepted}, got {value}")
+
+
+def _check_fraction(config: Any, name: str) -> None:
+    """A float field in [0, 1], stored as float."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1], got {value}")
+    object.__setattr__(config, name, float(value))
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -54,11 +68,15 @@ class MomentKVConfig:
         tokens are not penalised for having been seen fewer times.
     policy: "momentum" (lowest score goes), "window" (oldest goes), "random".
     recent_window: the most recent tokens that are never evicted. With the prompt kept it is at
-        most the budget, default half of it. When prompt tokens compete it may be any size,
+        most the budget, default ``budget - budget // 8``. When prompt tokens compete it may be any size,
         default ``max(budget, 64)``: momentum chooses which prompt and older tokens fill the
         rest of the cache, and if the window leaves none to choose, the oldest goes (the
         StreamingLLM rule). Both defaults were chosen on held-apart prompts (results/eval/sweep.md).
     correction: "moments" adds the evicted set back as a virtual key; "none" drops it.
+    moment_weight: moment-informed eviction, in [0, 1]. At 1 a slot's momentum accumulates only
+        the attention the moments would not recover if it were evicted (its probability minus
+        the first-order estimate from the evicted mean key); at 0 (default) all of it. It changed
+        nothing measurable on the held-apart prompts (results/eval/sweep.md).
     protect_prompt: keep every prompt token (default); if False, prompt tokens
         compete with decode tokens for slots, except the first ``sinks``.
     sinks: leading prompt tokens never evicted when prompt tokens can be evicted.
@@ -77,6 +95,7 @@ class MomentKVConfig:
     policy: str = "momentum"
     recent_window: int | None = None
     correction: str = "moments"
+    moment_weight: float = 0.0
     protect_prompt: bool = True
     sinks: int = 4
     prefill_budget: int | None = None
@@ -87,18 +106,19 @@ class MomentKVConfig:
 
     def __post_init__(self) -> None:
         _check_int("budget", self.budget, 1)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
-            raise TypeError(f"alpha must be a float in [0, 1], got {type(self.alpha).__name__}")
-        if math.isnan(self.alpha) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be a float in [0, 1], got {self.alpha}")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        _check_fraction(self, "alpha")
         _check_bool("bias_correction", self.bias_correction)
         _check_choice("policy", self.policy, POLICIES)
         if self.recent_window is None:
-            window = self.budget // 2 if self.protect_prompt else max(self.budget, OPEN_RECENT_WINDOW)
+            window = (self.budget - self.budget // KEPT_MOMENTUM_SHARE if self.protect_prompt
+                      else max(self.budget, OPEN_RECENT_WINDOW))
             object.__setattr__(self, "recent_window", window)
         _check_int("recent_window", self.recent_window, 0, self.budget if self.protect_prompt else None)
         _check_choice("correction", self.correction, CORRECTIONS)
+        _check_fraction(self, "moment_weight")
+        if self.moment_weight and self.correction != "moments":
+            raise ValueError(f"moment_weight={self.moment_weight} needs correction='moments' (it weighs what the "
+                             f"moments recover); got correction={self.correction!r}")
         _check_bool("protect_prompt", self.protect_prompt)
         _check_int("sinks", self.sinks, 0)
         _check_int("observation_window", self.observation_window, 1)

@@ -25,6 +25,7 @@ def decode_attention_reference(
     scale: float,
     alpha: float,
     corrected: bool,
+    moment_weight: float = 0.0,
 ) -> Tensor:
     """query [B, Hq, Dk]; keys [B, Hkv, S, Dk]; values [B, Hkv, S, Dv]; valid bool [B, Hkv, S];
     moments n [B, Hkv], mu_k [B, Hkv, Dk], mu_v [B, Hkv, Dv], comoment [B, Hkv, Dv, Dk] (fp32);
@@ -56,7 +57,15 @@ def decode_attention_reference(
         out = out + virtual_weight * (correction + mu_v.unsqueeze(2))
     total.clamp_(min=torch.finfo(torch.float32).tiny)
     out = out / total
-    probs = (weights / total).mean(dim=2)
+    probs = weights / total
+    if corrected and moment_weight:
+        # What eviction would lose once the moments stand in: p_j minus its first-order
+        # estimate p_mu (1 + x_j), x_j = s q.(k_j - mu_k); exp(x) >= 1 + x keeps it >= 0.
+        mean_logit = virtual_logit - torch.log(n.clamp_min(1.0))[..., None, None]
+        p_mean = torch.exp(mean_logit - peak) / total
+        estimate = p_mean * (1.0 + logits - mean_logit)
+        probs = probs - moment_weight * torch.where((weights > 0) & (n > 0)[..., None, None], estimate, 0.0)
+    probs = probs.mean(dim=2)
     importance.copy_(torch.where(valid, importance * alpha + probs, importance))
     normalizer.copy_(torch.where(valid, normalizer * alpha + 1.0, normalizer))
     return out.reshape(b, hq, -1).to(query.dtype)
@@ -68,5 +77,6 @@ decode_attention = torch.library.custom_op(
 
 
 @decode_attention.register_fake
-def _(query, keys, values, valid, n, mu_k, mu_v, comoment, importance, normalizer, scale, alpha, corrected):
+def _(query, keys, values, valid, n, mu_k, mu_v, comoment, importance, normalizer, scale, alpha, corrected,
+      moment_weight=0.0):
     return query.new_empty(query.shape[0], query.shape[1], values.shape[-1])

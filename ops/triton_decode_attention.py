@@ -83,7 +83,7 @@ def _split_kernel(Q, K, V, VALID, LOGITS, PART_M, PART_L, PART_ACC,
 
 
 @triton.jit
-def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_M, FINAL_L,
+def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_M, FINAL_L, MEAN_LOGIT,
                     NS, scale, sqb, sqh, sob, soh,
                     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                     NS_P2: tl.constexpr, BLOCK_DV: tl.constexpr, CORRECTED: tl.constexpr):
@@ -103,8 +103,9 @@ def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_
     count = tl.load(N + bh)
     if CORRECTED:
         mu_k = tl.load(MU_K + bh * D + d)
-        virtual = tl.log(tl.maximum(count, 1.0)) + scale * tl.sum(q * mu_k[None, :], 1)
-        virtual = tl.where(count > 0, virtual, float("-inf"))
+        mean_logit = tl.where(count > 0, scale * tl.sum(q * mu_k[None, :], 1), float("-inf"))
+        tl.store(MEAN_LOGIT + bh * BLOCK_G + g, mean_logit)
+        virtual = tl.log(tl.maximum(count, 1.0)) + mean_logit
         m = tl.maximum(m, virtual)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(pm - m_safe[None, :])
@@ -130,8 +131,9 @@ def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_
 
 
 @triton.jit
-def _momentum_kernel(LOGITS, FINAL_M, FINAL_L, VALID, IMP, NORM, S, alpha, sab, sah, sib, sih,
-                     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
+def _momentum_kernel(LOGITS, FINAL_M, FINAL_L, MEAN_LOGIT, VALID, IMP, NORM, S, alpha, moment_weight,
+                     sab, sah, sib, sih, HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                     BLOCK: tl.constexpr, MOMENT_AWARE: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
@@ -144,6 +146,13 @@ def _momentum_kernel(LOGITS, FINAL_M, FINAL_L, VALID, IMP, NORM, S, alpha, sab, 
     logits = tl.load(LOGITS + (bh * BLOCK_G + g)[:, None] * S + s[None, :], mask=gmask[:, None] & smask[None, :],
                      other=float("-inf"))
     p = tl.exp(logits - m[:, None]) / total[:, None]
+    if MOMENT_AWARE:
+        # minus the first-order estimate of p from the evicted mean key, as in the reference
+        mean_logit = tl.load(MEAN_LOGIT + bh * BLOCK_G + g)
+        known = mean_logit > float("-inf")
+        p_mean = tl.exp(tl.where(known, mean_logit, 0.0) - m) / total
+        estimate = p_mean[:, None] * (1.0 + logits - tl.where(known, mean_logit, 0.0)[:, None])
+        p -= moment_weight * tl.where(known[:, None] & (p > 0), estimate, 0.0)
     mean = tl.sum(tl.where(gmask[:, None], p, 0.0), 0) / G
     ok = tl.load(VALID + b * sab + h * sah + s, mask=smask, other=0) != 0
     imp = tl.load(IMP + b * sib + h * sih + s, mask=smask, other=0.0)
@@ -154,7 +163,7 @@ def _momentum_kernel(LOGITS, FINAL_M, FINAL_L, VALID, IMP, NORM, S, alpha, sab, 
 
 def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: Tensor, n: Tensor, mu_k: Tensor,
                             mu_v: Tensor, comoment: Tensor, importance: Tensor, normalizer: Tensor, scale: float,
-                            alpha: float, corrected: bool) -> Tensor:
+                            alpha: float, corrected: bool, moment_weight: float = 0.0) -> Tensor:
     """Same contract as the reference ``decode_attention``."""
     b, hq, d = query.shape
     hkv, slots, dv = keys.shape[1], keys.shape[2], values.shape[-1]
@@ -172,6 +181,7 @@ def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: 
     part_acc = torch.empty(b * hkv, splits, block_g, dv, **f32)
     final_m = torch.empty(b * hkv, block_g, **f32)
     final_l = torch.empty(b * hkv, block_g, **f32)
+    mean_logit = torch.empty(b * hkv, block_g, **f32)
     out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
     _split_kernel[(b * hkv, splits)](
         query, keys, values, valid, logits, part_m, part_l, part_acc, slots, split, splits, scale,
@@ -179,15 +189,16 @@ def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: 
         values.stride(0), values.stride(1), values.stride(2), valid.stride(0), valid.stride(1),
         HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, BLOCK=config["block"], FP32=config["fp32"])
     _combine_kernel[(b * hkv,)](
-        query, n, mu_k, mu_v, comoment, part_m, part_l, part_acc, out, final_m, final_l, splits, scale,
+        query, n, mu_k, mu_v, comoment, part_m, part_l, part_acc, out, final_m, final_l, mean_logit, splits, scale,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, NS_P2=config["ns_p2"], BLOCK_DV=config["block_dv"],
         CORRECTED=corrected)
     imp = importance if importance.is_contiguous() else importance.contiguous()
     norm = normalizer if normalizer.is_contiguous() else normalizer.contiguous()
     _momentum_kernel[(b * hkv, triton.cdiv(slots, MOMENTUM_BLOCK))](
-        logits, final_m, final_l, valid, imp, norm, slots, alpha, valid.stride(0), valid.stride(1),
-        imp.stride(0), imp.stride(1), HKV=hkv, G=g, BLOCK_G=block_g, BLOCK=MOMENTUM_BLOCK)
+        logits, final_m, final_l, mean_logit, valid, imp, norm, slots, alpha, moment_weight,
+        valid.stride(0), valid.stride(1), imp.stride(0), imp.stride(1), HKV=hkv, G=g, BLOCK_G=block_g,
+        BLOCK=MOMENTUM_BLOCK, MOMENT_AWARE=corrected and moment_weight > 0)
     if imp is not importance:
         importance.copy_(imp)
         normalizer.copy_(norm)

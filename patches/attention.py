@@ -33,7 +33,8 @@ def decode_step(layer: BudgetedLayer, query: Tensor, scale: float) -> Tensor:
     cfg = layer.config
     moments = (layer.n, layer.mu_k, layer.mu_v, layer.comoment)
     out = call("decode_attention", query[:, :, 0], layer.keys, layer.values, layer.valid, *moments,
-               layer.importance, layer.normalizer, scale, cfg.alpha, cfg.corrected)
+               layer.importance, layer.normalizer, scale, cfg.alpha, cfg.corrected,
+               cfg.moment_weight)
     call("evict", layer.keys, layer.values, layer.valid, layer.evictable, layer.importance, layer.normalizer,
          layer.positions, *moments, layer.free_slot, layer.decode_len, layer.seen, cfg.budget, cfg.policy_id,
          cfg.bias_correction, cfg.recent_window, cfg.scope == "layer", cfg.seed, cfg.corrected)

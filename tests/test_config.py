@@ -18,6 +18,9 @@ from momentkv import MomentKVConfig
         ({"budget": 8, "alpha": "0.9"}, TypeError, "alpha"),
         ({"budget": 8, "policy": "lru"}, ValueError, "policy"),
         ({"budget": 8, "correction": "second-order"}, ValueError, "correction"),
+        ({"budget": 8, "moment_weight": 1.5}, ValueError, "moment_weight"),
+        ({"budget": 8, "moment_weight": None}, TypeError, "moment_weight"),
+        ({"budget": 8, "moment_weight": 0.5, "correction": "none"}, ValueError, "moment_weight"),
         ({"budget": 8, "recent_window": 9}, ValueError, "recent_window"),
         ({"budget": 8, "recent_window": -1}, ValueError, "recent_window"),
         ({"budget": 8, "sinks": -1}, ValueError, "sinks"),
@@ -50,7 +53,7 @@ def test_prompt_slots_are_bucketed_and_capped(length, bucket, prefill_budget, sl
 
 
 @pytest.mark.parametrize("budget, protect_prompt, window", [
-    (32, True, 16), (128, True, 64), (8, False, 64), (32, False, 64), (64, False, 64), (128, False, 128),
+    (32, True, 28), (128, True, 112), (7, True, 7), (8, False, 64), (32, False, 64), (64, False, 64), (128, False, 128),
 ])
 def test_default_recent_window(budget, protect_prompt, window):
     assert MomentKVConfig(budget=budget, protect_prompt=protect_prompt).recent_window == window

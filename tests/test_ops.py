@@ -70,6 +70,28 @@ def test_decode_attention_matches_formula_and_updates_momentum(corrected, hq, hk
     torch.testing.assert_close(st["normalizer"], expected_z)
 
 
+@pytest.mark.parametrize("hq, hkv", [(4, 2), (8, 1)])
+def test_moment_informed_momentum_counts_only_what_the_moments_miss(hq, hkv):
+    """moment_weight=1: a slot gains p_j - p_mu (1 + s q.(k_j - mu_k)); nothing when its key is the mean."""
+    st, _ = make_state(hq=hq, hkv=hkv)
+    st["keys"][:, :, 1] = st["mu_k"]
+    st["valid"][:, :, 1] = True
+    before = st["importance"].clone()
+    scale, alpha = 0.35, 0.8
+    decode_attention(**st, scale=scale, alpha=alpha, corrected=True, moment_weight=1.0)
+    _, probs = naive_corrected(st, scale, True)
+    q = st["query"].double().view(2, hkv, hq // hkv, -1)
+    mean_logit = scale * torch.einsum("bhgd,bhd->bhg", q, st["mu_k"].double())
+    logits = scale * torch.einsum("bhgd,bhsd->bhgs", q, st["keys"].double())
+    den = torch.exp(logits).masked_fill(~st["valid"][:, :, None], 0).sum(-1) + st["n"].double()[..., None] * torch.exp(mean_logit)
+    estimate = (torch.exp(mean_logit) / den)[..., None] * (1 + logits - mean_logit[..., None])
+    expected = probs - torch.where(st["valid"], estimate.mean(2), 0.0)
+    gained = st["importance"] - torch.where(st["valid"], alpha * before, before)
+    torch.testing.assert_close(gained.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gained[:, :, 1], torch.zeros_like(gained[:, :, 1]), rtol=0, atol=1e-6)
+    assert (gained >= -1e-7).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_empty_evicted_set_is_softmax_attention(dtype):
     st, _ = make_state(hq=8, hkv=2, evicted=0, dtype=dtype)
@@ -235,6 +257,8 @@ def test_opcheck_every_op():
     st, _ = make_state()
     torch.library.opcheck(torch.ops.momentkv.decode_attention.default,
                           tuple(st.values()) + (0.3, 0.9, True))
+    torch.library.opcheck(torch.ops.momentkv.decode_attention.default,
+                          tuple(st.values()) + (0.3, 0.9, True, 0.5))
     b, h, s, d = 2, 2, 7, 8
     args = (st["keys"], st["values"], st["valid"].clone(), torch.ones(b, h, s, dtype=torch.bool), st["importance"],
             st["normalizer"], torch.arange(s).expand(b, h, s).contiguous(), st["n"].clone(), st["mu_k"].clone(),

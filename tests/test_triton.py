@@ -52,13 +52,15 @@ CASES = [  # (batch, query heads, kv heads, slots, head_dim, evicted, fraction i
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("b, hq, hkv, s, d, evicted, invalid", CASES)
-@pytest.mark.parametrize("corrected", [True, False], ids=["moments", "none"])
-def test_decode_attention_kernel_matches_reference(b, hq, hkv, s, d, evicted, invalid, dtype, corrected):
+@pytest.mark.parametrize("corrected, moment_weight", [(True, 0.0), (True, 0.7), (False, 0.0)],
+                         ids=["moments", "moment-informed", "none"])
+def test_decode_attention_kernel_matches_reference(b, hq, hkv, s, d, evicted, invalid, dtype, corrected,
+                                                   moment_weight):
     state = attention_state(b, hq, hkv, s, d, dtype, evicted, invalid)
     state["valid"][0, 0] = False  # a padded row: nothing to attend in one head
     expected_state = {k: v.clone() for k, v in state.items()}
-    out = decode_attention_triton(*state.values(), 0.125, 0.85, corrected)
-    expected = REFERENCES["decode_attention"](*expected_state.values(), 0.125, 0.85, corrected)
+    out = decode_attention_triton(*state.values(), 0.125, 0.85, corrected, moment_weight)
+    expected = REFERENCES["decode_attention"](*expected_state.values(), 0.125, 0.85, corrected, moment_weight)
     tol = TOLERANCE[dtype]
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
