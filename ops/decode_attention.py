@@ -41,9 +41,9 @@ def decode_attention_reference(
     peak = logits.amax(-1, keepdim=True)
     if corrected:
         # The evicted set as one virtual key: log-weight log n + s q.mu_k (first order around mu_k).
-        virtual_logit = torch.matmul(q, mu_k.unsqueeze(-1)).mul_(scale)
-        virtual_logit.add_(torch.log(n.clamp_min(1.0))[..., None, None]).masked_fill_((n <= 0)[..., None, None],
-                                                                                    float("-inf"))
+        empty = (n <= 0)[..., None, None]
+        mean_logit = torch.matmul(q, mu_k.unsqueeze(-1)).mul_(scale).masked_fill_(empty, float("-inf"))
+        virtual_logit = mean_logit + torch.log(n.clamp_min(1.0))[..., None, None]
         peak = torch.maximum(peak, virtual_logit)
     peak.clamp_(min=torch.finfo(torch.float32).min)  # a row with nothing to attend gives 0, not NaN
     weights = torch.exp(logits - peak)
@@ -61,10 +61,9 @@ def decode_attention_reference(
     if corrected and moment_weight:
         # What eviction would lose once the moments stand in: p_j minus its first-order
         # estimate p_mu (1 + x_j), x_j = s q.(k_j - mu_k); exp(x) >= 1 + x keeps it >= 0.
-        mean_logit = virtual_logit - torch.log(n.clamp_min(1.0))[..., None, None]
         p_mean = torch.exp(mean_logit - peak) / total
         estimate = p_mean * (1.0 + logits - mean_logit)
-        probs = probs - moment_weight * torch.where((weights > 0) & (n > 0)[..., None, None], estimate, 0.0)
+        probs = probs - moment_weight * torch.where((weights > 0) & ~empty, estimate, 0.0)
     probs = probs.mean(dim=2)
     importance.copy_(torch.where(valid, importance * alpha + probs, importance))
     normalizer.copy_(torch.where(valid, normalizer * alpha + 1.0, normalizer))

@@ -86,7 +86,8 @@ def _split_kernel(Q, K, V, VALID, LOGITS, PART_M, PART_L, PART_ACC,
 def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_M, FINAL_L, MEAN_LOGIT,
                     NS, scale, sqb, sqh, sob, soh,
                     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                    NS_P2: tl.constexpr, BLOCK_DV: tl.constexpr, CORRECTED: tl.constexpr):
+                    NS_P2: tl.constexpr, BLOCK_DV: tl.constexpr, CORRECTED: tl.constexpr,
+                    MOMENT_AWARE: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
@@ -104,7 +105,8 @@ def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_
     if CORRECTED:
         mu_k = tl.load(MU_K + bh * D + d)
         mean_logit = tl.where(count > 0, scale * tl.sum(q * mu_k[None, :], 1), float("-inf"))
-        tl.store(MEAN_LOGIT + bh * BLOCK_G + g, mean_logit)
+        if MOMENT_AWARE:
+            tl.store(MEAN_LOGIT + bh * BLOCK_G + g, mean_logit)
         virtual = tl.log(tl.maximum(count, 1.0)) + mean_logit
         m = tl.maximum(m, virtual)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -150,8 +152,9 @@ def _momentum_kernel(LOGITS, FINAL_M, FINAL_L, MEAN_LOGIT, VALID, IMP, NORM, S, 
         # minus the first-order estimate of p from the evicted mean key, as in the reference
         mean_logit = tl.load(MEAN_LOGIT + bh * BLOCK_G + g)
         known = mean_logit > float("-inf")
-        p_mean = tl.exp(tl.where(known, mean_logit, 0.0) - m) / total
-        estimate = p_mean[:, None] * (1.0 + logits - tl.where(known, mean_logit, 0.0)[:, None])
+        mean_logit = tl.where(known, mean_logit, 0.0)
+        p_mean = tl.exp(mean_logit - m) / total
+        estimate = p_mean[:, None] * (1.0 + logits - mean_logit[:, None])
         p -= moment_weight * tl.where(known[:, None] & (p > 0), estimate, 0.0)
     mean = tl.sum(tl.where(gmask[:, None], p, 0.0), 0) / G
     ok = tl.load(VALID + b * sab + h * sah + s, mask=smask, other=0) != 0
@@ -181,7 +184,8 @@ def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: 
     part_acc = torch.empty(b * hkv, splits, block_g, dv, **f32)
     final_m = torch.empty(b * hkv, block_g, **f32)
     final_l = torch.empty(b * hkv, block_g, **f32)
-    mean_logit = torch.empty(b * hkv, block_g, **f32)
+    moment_aware = corrected and moment_weight > 0
+    mean_logit = torch.empty(b * hkv, block_g, **f32) if moment_aware else final_m  # final_m: never touched
     out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
     _split_kernel[(b * hkv, splits)](
         query, keys, values, valid, logits, part_m, part_l, part_acc, slots, split, splits, scale,
@@ -192,13 +196,13 @@ def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: 
         query, n, mu_k, mu_v, comoment, part_m, part_l, part_acc, out, final_m, final_l, mean_logit, splits, scale,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, NS_P2=config["ns_p2"], BLOCK_DV=config["block_dv"],
-        CORRECTED=corrected)
+        CORRECTED=corrected, MOMENT_AWARE=moment_aware)
     imp = importance if importance.is_contiguous() else importance.contiguous()
     norm = normalizer if normalizer.is_contiguous() else normalizer.contiguous()
     _momentum_kernel[(b * hkv, triton.cdiv(slots, MOMENTUM_BLOCK))](
         logits, final_m, final_l, mean_logit, valid, imp, norm, slots, alpha, moment_weight,
         valid.stride(0), valid.stride(1), imp.stride(0), imp.stride(1), HKV=hkv, G=g, BLOCK_G=block_g,
-        BLOCK=MOMENTUM_BLOCK, MOMENT_AWARE=corrected and moment_weight > 0)
+        BLOCK=MOMENTUM_BLOCK, MOMENT_AWARE=moment_aware)
     if imp is not importance:
         importance.copy_(imp)
         normalizer.copy_(norm)

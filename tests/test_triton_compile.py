@@ -25,7 +25,7 @@ def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("compiled ") == 20, result.stdout  # 4 x 4 attention, 2 evict, 2 prefill
+    assert result.stdout.count("compiled ") == 24, result.stdout  # 4 x 5 attention, 2 evict, 2 prefill
 
 
 def compile_for_hopper(fn, types: dict, constexprs: dict):
@@ -54,9 +54,10 @@ def check_decode_attention(dtype, head_dim):
     types = {**f32, "Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "OUT": f"*{t}", "VALID": "*u8", "scale": "fp32",
              "alpha": "fp32", "moment_weight": "fp32"}
     compile_for_hopper(attention._split_kernel, types, {**g, "BLOCK": worst["block"], "FP32": worst["fp32"]})
-    compile_for_hopper(attention._combine_kernel, types,
-                       {**g, "NS_P2": worst["ns_p2"], "BLOCK_DV": worst["block_dv"], "CORRECTED": True})
     for moment_aware in (False, True):
+        compile_for_hopper(attention._combine_kernel, types, {**g, "NS_P2": worst["ns_p2"],
+                                                              "BLOCK_DV": worst["block_dv"], "CORRECTED": True,
+                                                              "MOMENT_AWARE": moment_aware})
         compile_for_hopper(attention._momentum_kernel, types, dict(HKV=1, G=8, BLOCK_G=16,
                                                                    BLOCK=attention.MOMENTUM_BLOCK,
                                                                    MOMENT_AWARE=moment_aware))
