@@ -136,7 +136,7 @@ def run_kernel_bench(keys_list: list[int], batches: list[int], device: str = "cu
                     row[f"sdpa_{label}_us"] = None
                     row[f"sdpa_{label}_error"] = str(error).splitlines()[0][:200]
             evict_sets = [_evict_state(s, keys) for s in sets]
-            row["evict_us"] = timer(_rotating(evict_sets, lambda s: evict(*s.values(), keys - 1, 0, True, 8, False, 0,
+            row["evict_us"] = timer(_rotating(evict_sets, lambda s: evict(*s.values(), keys - 1, 0, True, 8, 0, False, 0,
                                                                           True)))
             row["momentkv_tbps"] = kv_bytes / (row["momentkv_us"] * 1e-6) / 1e12
             if datasheet:

@@ -64,7 +64,7 @@ def profile_step(model, prompt_len: int, new_tokens: int, budget: int, batch: in
         evict_us = _time_us(lambda: evict(state["keys"], state["values"], state["valid"].clone(), state["evictable"],
                                           state["importance"], state["normalizer"], state["positions"], *moments,
                                           state["free_slot"], state["decode_len"], state["seen"], cfg.budget,
-                                          cfg.policy_id, cfg.bias_correction, cfg.recent_window,
+                                          cfg.policy_id, cfg.bias_correction, cfg.recent_window, cfg.window_share,
                                           cfg.scope == "layer", cfg.seed, cfg.corrected), device)
         clone_us = _time_us(lambda: state["valid"].clone(), device)
         # The same attention through torch's dispatcher (what a compiled graph calls), for its overhead.

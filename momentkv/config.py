@@ -22,9 +22,11 @@ SCOPES = ("head", "layer")
 # held-apart prompts fell at every budget tried (results/eval/sweep.md).
 OPEN_RECENT_WINDOW = 64
 
-# With the prompt kept, momentum chooses one slot in this many of the budget; the rest is the
-# recent window. Half the budget fell behind the plain window at 512 tokens (results/eval/sweep-512.md).
-KEPT_MOMENTUM_SHARE = 8
+# Momentum chooses at least one slot in this many: with the prompt kept, of the budget (the rest
+# is the default recent window; half the budget fell behind the plain window at 512 tokens,
+# results/eval/sweep-512.md); with prompt tokens competing, of the evictable slots the cache holds
+# (the window is capped at run time, so a short prompt does not leave momentum nothing to choose).
+MOMENTUM_SHARE = 8
 
 # Policy ids as the ops see them (ops take ints, not strings, so the compiled graph stays simple).
 POLICY_IDS = {"momentum": MOMENTUM, "window": WINDOW, "random": RANDOM}
@@ -69,9 +71,10 @@ class MomentKVConfig:
     policy: "momentum" (lowest score goes), "window" (oldest goes), "random".
     recent_window: the most recent tokens that are never evicted. With the prompt kept it is at
         most the budget, default ``budget - budget // 8``. When prompt tokens compete it may be any size,
-        default ``max(budget, 64)``: momentum chooses which prompt and older tokens fill the
-        rest of the cache, and if the window leaves none to choose, the oldest goes (the
-        StreamingLLM rule). Both defaults were chosen on held-apart prompts (results/eval/sweep.md).
+        default ``max(budget, 64)``, and at decode time it never covers more than 7/8 of the
+        evictable slots the cache holds: momentum chooses which prompt and older tokens fill the
+        rest of the cache (if those are all sinks, the oldest goes: the StreamingLLM rule). Both
+        defaults were chosen on held-apart prompts (results/eval/sweep.md).
     correction: "moments" adds the evicted set back as a virtual key; "none" drops it.
     moment_weight: moment-informed eviction, in [0, 1]. At 1 a slot's momentum accumulates only
         the attention the moments would not recover if it were evicted (its probability minus
@@ -110,7 +113,7 @@ class MomentKVConfig:
         _check_bool("bias_correction", self.bias_correction)
         _check_choice("policy", self.policy, POLICIES)
         if self.recent_window is None:
-            window = (self.budget - self.budget // KEPT_MOMENTUM_SHARE if self.protect_prompt
+            window = (self.budget - self.budget // MOMENTUM_SHARE if self.protect_prompt
                       else max(self.budget, OPEN_RECENT_WINDOW))
             object.__setattr__(self, "recent_window", window)
         _check_int("recent_window", self.recent_window, 0, self.budget if self.protect_prompt else None)
@@ -131,6 +134,12 @@ class MomentKVConfig:
     @property
     def policy_id(self) -> int:
         return POLICY_IDS[self.policy]
+
+    @property
+    def window_share(self) -> int:
+        """The ``evict`` op's window cap: with prompt tokens competing, the window leaves momentum
+        at least one evictable slot in ``MOMENTUM_SHARE``; 0 (no cap) with the prompt kept."""
+        return 0 if self.protect_prompt else MOMENTUM_SHARE
 
     @property
     def corrected(self) -> bool:

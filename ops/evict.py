@@ -33,6 +33,7 @@ def evict_reference(
     policy: int,
     bias_correction: bool,
     recent_window: int,
+    window_share: int,
     shared: bool,
     seed: int,
     fold: bool,
@@ -42,14 +43,20 @@ def evict_reference(
     free_slot int64 [B, H]; decode_len, seen int64 scalars (decode tokens written, tokens seen).
 
     Evicts iff ``decode_len > budget``. Candidates are valid, evictable slots older than the
-    ``recent_window`` newest tokens; if none is (a window larger than what prompt tokens
+    ``recent_window`` newest tokens. If ``window_share`` > 0 the window covers at most
+    ``m - m // window_share`` of the ``m`` evictable slots a head holds (with ``shared``, that
+    every head holds), so the score always chooses among some. If no slot is a candidate (a window larger than what prompt tokens
     competing leave), the oldest evictable slot goes. ``shared`` averages scores over heads and
     evicts one slot per sequence in every head. ``fold`` keeps the moments (off when no
     correction is used). The plain-PyTorch kernel: runs on every device and is the reference
     for the others."""
     over = decode_len > budget
     evictable = valid & evictable
-    candidates = evictable & (positions < seen - recent_window)
+    window = recent_window
+    if window_share:
+        held = (evictable.all(dim=1, keepdim=True) if shared else evictable).sum(-1, keepdim=True)
+        window = (held - held // window_share).clamp_max(recent_window)
+    candidates = evictable & (positions < seen - window)
     score = eviction_score(policy, importance, normalizer, positions, seen, bias_correction, seed)
     age = positions.to(torch.float32)
     if shared:
@@ -78,5 +85,5 @@ evict = torch.library.custom_op(
 
 @evict.register_fake
 def _(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, comoment, free_slot,
-      decode_len, seen, budget, policy, bias_correction, recent_window, shared, seed, fold):
+      decode_len, seen, budget, policy, bias_correction, recent_window, window_share, shared, seed, fold):
     return None

@@ -58,7 +58,8 @@ def _running_min(values, s0, best, index):
 def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FREE, DECODE_LEN, SEEN,
                   S, budget, recent, seed,
                   H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  POLICY: tl.constexpr, BIAS: tl.constexpr, SHARED: tl.constexpr, FOLD: tl.constexpr):
+                  POLICY: tl.constexpr, BIAS: tl.constexpr, SHARED: tl.constexpr, FOLD: tl.constexpr,
+                  WINDOW_SHARE: tl.constexpr):
     pid = tl.program_id(0)
     if SHARED:
         b = pid
@@ -69,7 +70,19 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FR
         h0 = pid % H
         heads = 1
     step = tl.load(SEEN)
-    threshold = step - recent
+    window = recent
+    if WINDOW_SHARE > 0:  # cap the window by the evictable slots held (in every head, if shared)
+        held = 0
+        for s0 in range(0, S, BLOCK):
+            s = s0 + tl.arange(0, BLOCK)
+            ok = s < S
+            for hh in range(heads):
+                base = (b * H + h0 + hh) * S
+                ok = ok & (tl.load(VALID + base + s, mask=s < S, other=0) != 0)
+                ok = ok & (tl.load(EVICTABLE + base + s, mask=s < S, other=0) != 0)
+            held += tl.sum(ok.to(tl.int32), 0)
+        window = tl.minimum(window, held - held // WINDOW_SHARE)
+    threshold = step - window
     best = float("inf")
     victim = 0
     oldest = float("inf")  # fallback when no candidate lies outside the recent window: the oldest evictable
@@ -119,7 +132,8 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FR
 def evict_triton(keys: Tensor, values: Tensor, valid: Tensor, evictable: Tensor, importance: Tensor,
                  normalizer: Tensor, positions: Tensor, n: Tensor, mu_k: Tensor, mu_v: Tensor, comoment: Tensor,
                  free_slot: Tensor, decode_len: Tensor, seen: Tensor, budget: int, policy: int,
-                 bias_correction: bool, recent_window: int, shared: bool, seed: int, fold: bool) -> None:
+                 bias_correction: bool, recent_window: int, window_share: int, shared: bool, seed: int,
+                 fold: bool) -> None:
     """Same contract as the reference ``evict``; every tensor must be contiguous (the cache's are)."""
     if policy not in (MOMENTUM, WINDOW, RANDOM):
         raise ValueError(f"policy id must be 0 (momentum), 1 (window) or 2 (random), got {policy}")
@@ -133,4 +147,4 @@ def evict_triton(keys: Tensor, values: Tensor, valid: Tensor, evictable: Tensor,
         keys, values, valid.view(torch.uint8), evictable.view(torch.uint8), importance, normalizer, positions,
         n, mu_k, mu_v, comoment, free_slot, decode_len, seen, slots, budget, recent_window, seed,
         H=h, D=d, DV=dv, BLOCK=BLOCK_S, BLOCK_DV=min(dv, 32), POLICY=policy, BIAS=bias_correction, SHARED=shared,
-        FOLD=fold)
+        FOLD=fold, WINDOW_SHARE=window_share)

@@ -37,7 +37,7 @@ def decode_step(layer: BudgetedLayer, query: Tensor, scale: float) -> Tensor:
                cfg.moment_weight)
     call("evict", layer.keys, layer.values, layer.valid, layer.evictable, layer.importance, layer.normalizer,
          layer.positions, *moments, layer.free_slot, layer.decode_len, layer.seen, cfg.budget, cfg.policy_id,
-         cfg.bias_correction, cfg.recent_window, cfg.scope == "layer", cfg.seed, cfg.corrected)
+         cfg.bias_correction, cfg.recent_window, cfg.window_share, cfg.scope == "layer", cfg.seed, cfg.corrected)
     return out.unsqueeze(1)
 
 

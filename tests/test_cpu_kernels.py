@@ -16,7 +16,7 @@ def evict_args(state, seen=20, recent=1):
     return (state["keys"], state["values"], state["valid"], torch.ones(b, h, s, dtype=torch.bool),
             state["importance"], state["normalizer"], torch.arange(s).expand(b, h, s).contiguous(), state["n"],
             state["mu_k"], state["mu_v"], state["comoment"], torch.zeros(b, h, dtype=torch.int64),
-            torch.tensor(5), torch.tensor(seen), 3, 0, True, recent, False, 0, True)
+            torch.tensor(5), torch.tensor(seen), 3, 0, True, recent, 0, False, 0, True)
 
 
 def test_fused_cpu_kernels_match_reference(monkeypatch):

@@ -25,7 +25,7 @@ def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("compiled ") == 24, result.stdout  # 4 x 5 attention, 2 evict, 2 prefill
+    assert result.stdout.count("compiled ") == 25, result.stdout  # 4 x 5 attention, 3 evict, 2 prefill
 
 
 def compile_for_hopper(fn, types: dict, constexprs: dict):
@@ -63,14 +63,15 @@ def check_decode_attention(dtype, head_dim):
                                                                    MOMENT_AWARE=moment_aware))
 
 
-def check_evict(policy, shared):
+def check_evict(policy, shared, window_share):
     from momentkv.ops import triton_evict as evict
 
     f32 = {name: "*fp32" for name in ("IMP", "NORM", "N", "MU_K", "MU_V", "COM")}
     types = {**f32, "K": "*bf16", "V": "*bf16", "VALID": "*u8", "EVICTABLE": "*u8", "POS": "*i64", "FREE": "*i64",
              "DECODE_LEN": "*i64", "SEEN": "*i64"}
     compile_for_hopper(evict._evict_kernel, types, dict(H=8, D=256, DV=256, BLOCK=evict.BLOCK_S, BLOCK_DV=32,
-                                                        POLICY=policy, BIAS=True, SHARED=shared, FOLD=True))
+                                                        POLICY=policy, BIAS=True, SHARED=shared, FOLD=True,
+                                                        WINDOW_SHARE=window_share))
 
 
 def check_prefill_scores():
@@ -88,6 +89,7 @@ if __name__ == "__main__":
     for dtype in (torch.bfloat16, torch.float32):
         for head_dim in (64, 256):
             check_decode_attention(dtype, head_dim)
-    check_evict(0, False)
-    check_evict(2, True)
+    check_evict(0, False, 0)
+    check_evict(0, True, 8)
+    check_evict(2, True, 0)
     check_prefill_scores()
