@@ -30,7 +30,8 @@ def _fused(reference: Callable) -> Callable:
             return reference(*args)
         key = tuple(a for a in args if not isinstance(a, torch.Tensor))
         if key not in compiled:
-            copy = types.FunctionType(reference.__code__.replace(), reference.__globals__, reference.__name__)
+            copy = types.FunctionType(reference.__code__.replace(), reference.__globals__, reference.__name__,
+                                      reference.__defaults__)
             compiled[key] = torch.compile(copy, dynamic=False, fullgraph=True)
         try:
             return compiled[key](*args)
