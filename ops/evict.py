@@ -45,8 +45,8 @@ def evict_reference(
     Evicts iff ``decode_len > budget``. Candidates are valid, evictable slots older than the
     ``recent_window`` newest tokens. If ``window_share`` > 0 the window covers at most
     ``m - m // window_share`` of the ``m`` evictable slots a head holds (with ``shared``, that
-    every head holds), so the score always chooses among some. If no slot is a candidate (a window larger than what prompt tokens
-    competing leave), the oldest evictable slot goes. ``shared`` averages scores over heads and
+    every head holds), so the score always chooses among some. If no slot is a candidate (only
+    sinks lie outside the window), the oldest evictable slot goes. ``shared`` averages scores over heads and
     evicts one slot per sequence in every head. ``fold`` keeps the moments (off when no
     correction is used). The plain-PyTorch kernel: runs on every device and is the reference
     for the others."""

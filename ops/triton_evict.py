@@ -75,11 +75,12 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FR
         held = 0
         for s0 in range(0, S, BLOCK):
             s = s0 + tl.arange(0, BLOCK)
-            ok = s < S
+            smask = s < S
+            ok = smask
             for hh in range(heads):
                 base = (b * H + h0 + hh) * S
-                ok = ok & (tl.load(VALID + base + s, mask=s < S, other=0) != 0)
-                ok = ok & (tl.load(EVICTABLE + base + s, mask=s < S, other=0) != 0)
+                ok = ok & (tl.load(VALID + base + s, mask=smask, other=0) != 0)
+                ok = ok & (tl.load(EVICTABLE + base + s, mask=smask, other=0) != 0)
             held += tl.sum(ok.to(tl.int32), 0)
         window = tl.minimum(window, held - held // WINDOW_SHARE)
     threshold = step - window

@@ -94,7 +94,7 @@ def test_small_budget_stays_bounded(tiny_model, arch, settings):
 
 def test_window_beyond_the_cache_keeps_sinks_and_the_newest(tiny_model):
     """A recent window larger than the cache, prompt tokens competing: the StreamingLLM rule,
-    at prefill compression and at decode alike."""
+    at prefill compression and at decode alike (here the 7/8 cap leaves one candidate, the oldest)."""
     model = tiny_model("llama")
     ids, mask = left_padded_batch()
     with momentkv.patched(model, budget=4, protect_prompt=False, sinks=2, recent_window=40, prefill_budget=6,
@@ -106,6 +106,28 @@ def test_window_beyond_the_cache_keeps_sinks_and_the_newest(tiny_model):
         for head in range(layer.num_heads):
             kept = layer.positions[row, head][layer.valid[row, head]].sort().values.tolist()
             assert kept == [padding, padding + 1, *range(seen - len(kept) + 2, seen)], (row, head)
+
+
+def test_default_open_window_leaves_momentum_a_choice(tiny_model):
+    """Prompt tokens competing, a short prompt: the default window (64) exceeds the cache, but at
+    decode it is capped at 7/8 of the evictable slots, so the newest 7/8 stay and momentum, not age,
+    picks among the rest (without the cap, every head would hold the sinks plus the newest)."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    with momentkv.patched(model, budget=16, protect_prompt=False, sinks=2, prompt_bucket=8):
+        greedy(model, ids, mask, 40)
+        layers = momentkv.state_of(model).cache.budgeted_layers
+    momentum_chose = False
+    for layer in layers:
+        seen = layer.seen.item()
+        held = (layer.valid & layer.evictable).sum(-1) + 1  # at the last eviction, the new token included
+        for row, padding in enumerate((ids.shape[1] - mask.sum(-1)).tolist()):
+            for head in range(layer.num_heads):
+                kept = layer.positions[row, head][layer.valid[row, head]].sort().values.tolist()
+                window = int(held[row, head] - held[row, head] // 8)
+                assert kept[:2] == [padding, padding + 1] and kept[-window:] == list(range(seen - window, seen))
+                momentum_chose |= kept != [padding, padding + 1, *range(seen - len(kept) + 2, seen)]
+    assert momentum_chose
 
 
 def test_memory_does_not_grow_with_generation_length(tiny_model):
