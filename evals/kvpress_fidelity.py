@@ -1,22 +1,28 @@
 """Teacher-forced fidelity of a kvpress decoding-time press, one prompt at a time.
 
-Runs in kvpress's own environment (kvpress 0.5.5 needs transformers < 5.3): imports only torch,
-transformers, kvpress and ``fidelity.py`` beside this file (loaded by path, so momentkv itself is
-not imported). kvpress keeps no padding mask through compression, hence batch 1.
-Usage: python kvpress_fidelity.py '<json: model, inputs (.pt: prompts, reference, logprobs), press, target_extra>'
+``main`` runs in kvpress's own environment (kvpress 0.5.5 needs transformers < 5.3): this file imports
+only torch, transformers, kvpress and ``fidelity.py`` beside it (loaded by path, so momentkv itself is
+not imported); ``kvpress_rows`` is the caller's side, run from momentkv's environment.
+kvpress keeps no padding mask through compression, hence batch 1.
+``streamingllm-ordered`` is StreamingLLMPress with the kept slots put back in time order: kvpress
+0.5.5 keeps the top-k slots in score order (NVIDIA/kvpress#173), so under DecodingPress the slots
+its next compression treats as sinks and as oldest are no longer the first and the oldest tokens.
+Usage: python kvpress_fidelity.py '<json: model, inputs (.pt: prompts, reference, logprobs), press, budget, threads>'
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-PRESSES = ("streamingllm", "tova", "keydiff", "knorm")
+PRESSES = ("streamingllm", "streamingllm-ordered", "tova", "keydiff", "knorm")
 
 
 def _fidelity_module():
@@ -27,11 +33,27 @@ def _fidelity_module():
     return module
 
 
+def _time_ordered_streamingllm():
+    import kvpress
+    from kvpress.utils import compute_n_kept
+
+    class TimeOrderedStreamingLLMPress(kvpress.StreamingLLMPress):
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            if self.compression_ratio == 0:
+                return keys, values
+            scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+            kept = scores.topk(compute_n_kept(keys.shape[2], self.compression_ratio), dim=-1).indices.sort(-1).values
+            kept = kept[..., None].expand(-1, -1, -1, keys.shape[-1])
+            return keys.gather(2, kept).contiguous(), values.gather(2, kept).contiguous()
+
+    return TimeOrderedStreamingLLMPress(n_sink=4)
+
+
 def _press(name: str, target_size: int):
     import kvpress
 
-    base = {"streamingllm": lambda: kvpress.StreamingLLMPress(n_sink=4), "tova": kvpress.TOVAPress,
-            "keydiff": kvpress.KeyDiffPress, "knorm": kvpress.KnormPress}[name]()
+    base = {"streamingllm": lambda: kvpress.StreamingLLMPress(n_sink=4), "streamingllm-ordered": _time_ordered_streamingllm,
+            "tova": kvpress.TOVAPress, "keydiff": kvpress.KeyDiffPress, "knorm": kvpress.KnormPress}[name]()
     return kvpress.DecodingPress(base_press=base, compression_interval=1, target_size=target_size)
 
 
@@ -49,6 +71,22 @@ def main(args: dict) -> dict:
         top1.append(out.agree.float().mean().item())
         kl.append(out.kl.mean().item())
     return dict(top1_rows=top1, kl_rows=kl)
+
+
+def kvpress_rows(python: str, model: str, press: str, budget: int, prompts: list[torch.Tensor],
+                 reference: torch.Tensor, logprobs: torch.Tensor) -> dict[str, list[float]]:
+    """Per-prompt top-1 agreement and KL of ``press`` at ``budget`` decode slots beyond each prompt, run by
+    ``python`` (an environment with kvpress 0.5.5) along the full-cache ``reference`` tokens."""
+    if press not in PRESSES:
+        raise ValueError(f"press: unknown {press!r}; known: {', '.join(PRESSES)}")
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = Path(folder) / "inputs.pt"
+        torch.save(dict(prompts=prompts, reference=reference, logprobs=logprobs), inputs)
+        args = dict(model=model, inputs=str(inputs), press=press, budget=budget, threads=torch.get_num_threads())
+        run = subprocess.run([python, __file__, json.dumps(args)], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"kvpress run failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

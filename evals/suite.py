@@ -13,10 +13,8 @@ import json
 import math
 import os
 import platform
-import subprocess
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 import momentkv
 
 from .fidelity import full_cache_reference, rouge_l, stream
-from .kvpress_fidelity import PRESSES
+from .kvpress_fidelity import PRESSES, kvpress_rows
 from .methods import FULL, METHODS, method
 from .models import cache_home, chat_prompt
 from .workloads import (
@@ -161,16 +159,8 @@ class Suite:
     def _kvpress(self, name: str, budget: int, enc: Any, ref_tokens: Tensor, ref_logprobs: Tensor) -> dict[str, Any]:
         """Teacher-forced fidelity of a kvpress press, in kvpress's own environment (see kvpress_fidelity.py)."""
         prompts = [ids[mask.bool()] for ids, mask in zip(enc.input_ids, enc.attention_mask)]
-        with tempfile.TemporaryDirectory() as folder:
-            inputs = Path(folder) / "inputs.pt"
-            torch.save(dict(prompts=prompts, reference=ref_tokens, logprobs=ref_logprobs), inputs)
-            args = dict(model=self.model_folder, inputs=str(inputs), press=name.removeprefix("kvpress-"),
-                        budget=budget, threads=torch.get_num_threads())
-            run = subprocess.run([self.kvpress_python, str(Path(__file__).with_name("kvpress_fidelity.py")),
-                                  json.dumps(args)], capture_output=True, text=True)
-        if run.returncode != 0:
-            raise RuntimeError(f"kvpress run failed:\n{run.stderr[-3000:]}")
-        rows = json.loads(run.stdout.strip().splitlines()[-1])
+        rows = kvpress_rows(self.kvpress_python, self.model_folder, name.removeprefix("kvpress-"), budget, prompts,
+                            ref_tokens, ref_logprobs)
         prompt_tokens = sum(len(p) for p in prompts) / len(prompts)
         return dict(top1=sum(rows["top1_rows"]) / len(prompts), kl=sum(rows["kl_rows"]) / len(prompts),
                     cache_tokens=prompt_tokens + budget, **rows)
