@@ -102,6 +102,7 @@ class RetrievalSample:
     answer_prefix: str  # the start of the assistant's answer
     answers: tuple[str, ...]  # every one must appear in the output
     hidden: tuple[str, ...]  # every value hidden in the haystack (the answers and the distractors)
+    facts: tuple[str, ...]  # the sentences hidden in the haystack, verbatim
 
 
 RETRIEVAL_TASKS = ("niah_single", "niah_multikey", "variable_tracking")
@@ -159,7 +160,8 @@ def retrieval_samples(tokenizer: PreTrainedTokenizerBase, task: str, context_tok
             hay.insert(depth + offset, fact)
         intro = ("Some special facts are hidden within the following text. Memorize them; I will quiz you "
                  "about them afterwards.")
-        samples.append(RetrievalSample(task, f"{intro}\n{' '.join(hay)}\n{question}", prefix, answers, hidden))
+        samples.append(RetrievalSample(task, f"{intro}\n{' '.join(hay)}\n{question}", prefix, answers, hidden,
+                                       tuple(facts)))
     return samples
 
 

@@ -55,6 +55,7 @@ def test_retrieval_samples_are_deterministic_and_hold_their_answers(tokenizer, t
     assert first != retrieval_samples(tokenizer, task, 512, 3, seed=2)
     for sample in first:
         assert all(answer in sample.message for answer in sample.hidden)
+        assert all(fact in sample.message for fact in sample.facts) and len(sample.facts) == len(sample.hidden)
         assert set(sample.answers) <= set(sample.hidden)
         assert 400 <= len(tokenizer(sample.message).input_ids) <= 640
         assert retrieval_score(" ".join(sample.answers), sample.answers) == 1.0
