@@ -128,3 +128,14 @@ def rouge_l(candidate: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(a), lcs / len(b)
     return 2 * precision * recall / (precision + recall)
+
+
+def loop_period(tokens: Tensor, max_period: int = 400) -> tuple[int, float]:
+    """The period of the loop a greedy generation's second half falls into, and the share of its tokens
+    that repeat the token one period back. A small model's greedy text often loops; a cache that
+    spans the period can copy the loop, one that does not cannot, whatever its eviction rule."""
+    tail = tokens[tokens.shape[-1] // 2:]
+    periods = range(1, min(max_period, tail.shape[-1] - 1) + 1)
+    shares = [(tail[p:] == tail[:-p]).float().mean().item() for p in periods]
+    best = max(range(len(shares)), key=shares.__getitem__)
+    return periods[best], shares[best]

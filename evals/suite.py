@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import momentkv
 
-from .fidelity import full_cache_reference, rouge_l, stream
+from .fidelity import full_cache_reference, loop_period, rouge_l, stream
 from .kvpress_fidelity import PRESSES, kvpress_rows
 from .methods import FULL, METHODS, method
 from .models import cache_home, chat_prompt
@@ -191,7 +191,9 @@ class Suite:
                 start = time.perf_counter()
                 memory = extra.get("prefill_budget", prompt_tokens) + budget
                 if name == FULL:
-                    entry = dict(top1=1.0, kl=0.0, cache_tokens=prompt_tokens + new_tokens)
+                    loops = [loop_period(row) for row in ref_tokens]
+                    entry = dict(top1=1.0, kl=0.0, cache_tokens=prompt_tokens + new_tokens,
+                                 loop_period_rows=[p for p, _ in loops], loop_share_rows=[r for _, r in loops])
                     if free_run:
                         entry["rouge_l"] = 1.0
                 elif is_kvpress(name):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from momentkv.cli import main as cli
-from momentkv.evals.fidelity import rouge_l
+from momentkv.evals.fidelity import loop_period, rouge_l
 from momentkv.evals.methods import METHODS, method
 from momentkv.evals.models import smollm2_checkpoint
 from momentkv.evals.suite import Results, Settings, Suite
@@ -36,6 +36,14 @@ def test_rouge_l():
     assert rouge_l("a b c d", "a b c d") == 1.0
     assert rouge_l("a x c", "a b c") == pytest.approx(2 / 3)
     assert rouge_l("x y", "a b") == 0.0
+
+
+def test_loop_period_finds_the_repeated_stretch_of_the_second_half():
+    loop = torch.tensor([5, 6, 7, 8, 9, 10, 11])
+    tokens = torch.cat([torch.arange(100, 140), loop.repeat(8)])
+    assert loop_period(tokens) == (7, 1.0)
+    period, share = loop_period(torch.randperm(200))
+    assert share < 0.05
 
 
 def test_prompt_sets_are_disjoint_and_sized():
