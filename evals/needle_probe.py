@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 from unittest import mock
@@ -78,15 +78,10 @@ def kept_fractions(model: PreTrainedModel, ids: torch.Tensor, positions: list[in
 
 def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor,
            config: momentkv.MomentKVConfig | None) -> str:
-    def generate() -> torch.Tensor:
-        return model.generate(input_ids=ids, max_new_tokens=ANSWER_TOKENS, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id)
-
-    if config is None:
-        out = generate()
-    else:
-        with momentkv.patched(model, config=config):
-            out = generate()
+    """The greedy answer, with the budgeted cache of ``config`` or the full cache if None."""
+    with momentkv.patched(model, config=config) if config else nullcontext():
+        out = model.generate(input_ids=ids, max_new_tokens=ANSWER_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
