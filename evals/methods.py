@@ -29,6 +29,7 @@ class Method:
 FULL = "full"
 _PLAIN = dict(correction="none")
 _UNPROTECTED = dict(protect_prompt=False, sinks=4)
+_ALONE = dict(prefill_vote=0.0)  # published rules choose prompt tokens per layer (and head)
 
 BASELINES = (
     Method("momentum", "momentkv's defaults without moment correction", _PLAIN),
@@ -38,17 +39,18 @@ BASELINES = (
     Method("streamingllm", "recency window over prompt and decode tokens, 4 sinks kept",
            dict(policy="window", **_PLAIN, **_UNPROTECTED)),
     Method("h2o", "cumulative attention, half the budget a recent window (H2O)",
-           dict(alpha=1.0, bias_correction=False, **_PLAIN), recent_fraction=0.5),
+           dict(alpha=1.0, bias_correction=False, **_PLAIN, **_ALONE), recent_fraction=0.5),
     Method("tova", "instantaneous attention per KV head (TOVA)",
-           dict(alpha=0.0, bias_correction=False, recent_window=0, **_PLAIN)),
+           dict(alpha=0.0, bias_correction=False, recent_window=0, **_PLAIN, **_ALONE)),
     Method("tova-layer", "instantaneous attention shared across a layer's heads (TOVA as published)",
-           dict(alpha=0.0, bias_correction=False, recent_window=0, scope="layer", **_PLAIN)),
-    Method("random", "uniformly random eviction", dict(policy="random", **_PLAIN)),
+           dict(alpha=0.0, bias_correction=False, recent_window=0, scope="layer", **_PLAIN, **_ALONE)),
+    Method("random", "uniformly random eviction", dict(policy="random", **_PLAIN, **_ALONE)),
 )
 
 MOMENTKV = (
     Method("momentkv", "momentkv's defaults, prompt kept: momentum (a=0.9, bias-corrected) chooses one eighth of "
-           "the budget, the rest a recent window, moment correction"),
+           "the budget, the rest a recent window, moment correction; a prefill budget keeps the prompt tokens "
+           "the deeper 60% of the layers vote for"),
     Method("momentkv-open", "momentkv's defaults with prompt tokens competing (protect_prompt=False, 4 sinks): "
            "the newest max(budget, 64) tokens kept, momentum picks which prompt and older tokens fill the rest",
            _UNPROTECTED),
@@ -83,6 +85,17 @@ VARIANTS = (
            dict(recent_window=48, **_UNPROTECTED)),
     Method("momentkv-open-w96", "prompt competes (4 sinks), the newest 96 tokens kept whatever the budget",
            dict(recent_window=96, **_UNPROTECTED)),
+    Method("momentkv-vote0", "momentkv with each layer and head choosing its prompt tokens alone (prefill_vote=0, "
+           "SnapKV-style: the default before the vote)", _ALONE),
+    Method("momentkv-open-vote0", "momentkv-open with each layer and head choosing its prompt tokens alone",
+           dict(**_ALONE, **_UNPROTECTED)),
+    Method("momentkv-vote50", "momentkv with half of each layer's prefill score its own, half the vote "
+           "(prefill_vote=0.5)", dict(prefill_vote=0.5)),
+    Method("momentkv-open-vote50", "momentkv-open with prefill_vote=0.5", dict(prefill_vote=0.5, **_UNPROTECTED)),
+    Method("momentkv-d67", "momentkv with only the deepest third of the layers voting (vote_depth=0.67)",
+           dict(vote_depth=0.67)),
+    Method("momentkv-vote50-d67", "momentkv-vote50 with only the deepest third voting",
+           dict(prefill_vote=0.5, vote_depth=0.67)),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in (*MOMENTKV, *BASELINES, *VARIANTS)}

@@ -3,7 +3,7 @@
 For RULER-style samples (evals/workloads.py), a method's prefill compression is measured two ways:
 - per layer, the fraction of the hidden facts' tokens that each KV head keeps;
 - retrieval accuracy with an oracle selection that ranks the facts' tokens first in every layer from
-  ``oracle_from`` on (the other layers keep the method's own choice), the rest unchanged.
+  ``oracle_from`` on (the other layers keep their own choice, without the model-wide vote), the rest unchanged.
 If the oracle reaches the full cache's accuracy, the budget is large enough and the scoring is what misses.
 Usage: python -m momentkv.evals.needle_probe --out results/eval/needle-probe.json [options]
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 from unittest import mock
@@ -42,23 +43,20 @@ def fact_tokens(tokenizer: PreTrainedTokenizerBase, text: str, sample: Retrieval
 @contextmanager
 def facts_first(positions: list[int], from_layer: int) -> Iterator[None]:
     """Inside, prefill compression ranks ``positions`` first in the budgeted layers numbered >= ``from_layer``
-    (in the order they finish their prefill, which is model order); sinks and the recent window stay first."""
-    score, finish = budgeted_cache.eviction_score, budgeted_cache.BudgetedLayer.finish_prefill
+    (in the order they score their prompt, which is model order); sinks and the recent window stay first.
+    Meant for ``prefill_vote=0``: a vote would carry the oracle's choice into the layers below ``from_layer``."""
+    score = budgeted_cache.eviction_score
     layer = [-1]
 
-    def counted_finish(self: Any, *args: Any, **kwargs: Any) -> None:
-        layer[0] += 1
-        finish(self, *args, **kwargs)
-
     def oracle_score(*args: Any) -> torch.Tensor:
+        layer[0] += 1
         value = score(*args)
         if layer[0] >= from_layer:
             value = value.clone()
             value[..., positions] = FACT_SCORE
         return value
 
-    with mock.patch.object(budgeted_cache, "eviction_score", oracle_score), \
-            mock.patch.object(budgeted_cache.BudgetedLayer, "finish_prefill", counted_finish):
+    with mock.patch.object(budgeted_cache, "eviction_score", oracle_score):
         yield
 
 
@@ -86,13 +84,15 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: torc
 
 
 def probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str, length: int, compression: int,
-          samples: int, method_name: str, oracle_from: list[int], options: dict[str, Any] | None = None
-          ) -> dict[str, Any]:
-    """``options``: MomentKVConfig fields that override the method's (to try a scoring variant)."""
+          samples: int, method_name: str, oracle_from: list[int], options: dict[str, Any] | None = None,
+          seed: int = 0) -> dict[str, Any]:
+    """``options``: MomentKVConfig fields that override the method's (to try a scoring variant);
+    ``seed``: which samples (the evaluation's are seed 0; others are held apart for choosing defaults)."""
     config = method(method_name).config(DECODE_BUDGET, prefill_budget=length // compression, **(options or {}))
+    own_choice = replace(config, prefill_vote=0.0)  # what the oracle overrides: each layer's own selection
     accuracy: dict[str, float] = {"full": 0.0, method_name: 0.0, **{f"oracle_from_{n}": 0.0 for n in oracle_from}}
     kept = []
-    for sample in retrieval_samples(tokenizer, task, length, samples):
+    for sample in retrieval_samples(tokenizer, task, length, samples, seed):
         text = chat_prompt(tokenizer, sample.message) + sample.answer_prefix
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
         facts = fact_tokens(tokenizer, text, sample)
@@ -101,9 +101,10 @@ def probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str,
         accuracy[method_name] += retrieval_score(answer(model, tokenizer, ids, config), sample.answers)
         for n in oracle_from:
             with facts_first(facts, n):
-                accuracy[f"oracle_from_{n}"] += retrieval_score(answer(model, tokenizer, ids, config), sample.answers)
+                accuracy[f"oracle_from_{n}"] += retrieval_score(answer(model, tokenizer, ids, own_choice),
+                                                                sample.answers)
     per_layer = torch.tensor(kept)  # samples x layers x heads
-    return dict(task=task, length=length, compression=compression, samples=samples, method=method_name,
+    return dict(task=task, length=length, compression=compression, samples=samples, seed=seed, method=method_name,
                 options=options or {},
                 accuracy={k: v / samples for k, v in accuracy.items()},
                 facts_kept_per_layer=per_layer.mean((0, 2)).tolist(),
@@ -118,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compression", type=int, default=4)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--method", default="momentkv")
+    parser.add_argument("--seed", type=int, default=0, help="sample seed: 0 is the evaluation's, others held apart")
     parser.add_argument("--oracle-from", default="0,12", help="comma-separated first layers of the oracle")
     parser.add_argument("--options", type=json.loads, default={},
                         help='JSON of MomentKVConfig fields overriding the method\'s, e.g. \'{"alpha": 1.0}\'')
     args = parser.parse_args(argv)
     model, tokenizer = load_smollm2()
     result = probe(model, tokenizer, args.task, args.length, args.compression, args.samples, args.method,
-                   [int(n) for n in args.oracle_from.split(",") if n], args.options)
+                   [int(n) for n in args.oracle_from.split(",") if n], args.options, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result["accuracy"]))

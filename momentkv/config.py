@@ -86,6 +86,13 @@ class MomentKVConfig:
     prefill_budget: if set, prompts longer than this are compressed at prefill to
         this many slots (SnapKV-style scoring over the last ``observation_window`` queries).
     observation_window: prompt queries used to score prompt tokens.
+    prefill_vote: weight, in [0, 1], of a model-wide vote in each layer's prefill selection. The vote
+        is the prompt-token scores of the budgeted layers from ``vote_depth`` of the depth on, each head's
+        as a share of its total, averaged. At 0 each layer and head chooses alone (SnapKV); at 1 every layer keeps the
+        same tokens. With a vote, every layer's prompt keys and values are held until the last layer has
+        scored its own (the full cache's size, during prefill only). Chosen on the needle tasks
+        (results/eval/needle-probe-*.json).
+    vote_depth: where the voting layers start, as a fraction of the budgeted layers, in [0, 1).
     scope: "head" evicts per KV head; "layer" shares one victim across a layer's heads.
     prompt_bucket: prompt slots are sized in multiples of this, so that a compiled
         decode step is reused across prompts of similar length.
@@ -103,6 +110,8 @@ class MomentKVConfig:
     sinks: int = 4
     prefill_budget: int | None = None
     observation_window: int = 32
+    prefill_vote: float = 1.0
+    vote_depth: float = 0.4
     scope: str = "head"
     prompt_bucket: int = 64
     seed: int = 0
@@ -125,6 +134,10 @@ class MomentKVConfig:
         _check_bool("protect_prompt", self.protect_prompt)
         _check_int("sinks", self.sinks, 0)
         _check_int("observation_window", self.observation_window, 1)
+        _check_fraction(self, "prefill_vote")
+        _check_fraction(self, "vote_depth")
+        if self.vote_depth == 1.0:
+            raise ValueError("vote_depth must be a float in [0, 1): at 1 no layer would vote")
         if self.prefill_budget is not None:
             _check_int("prefill_budget", self.prefill_budget, self.sinks + 1)
         _check_choice("scope", self.scope, SCOPES)

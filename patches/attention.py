@@ -53,7 +53,7 @@ def make_attention(active_cache: Callable[[], MomentKVCache | None], fallback: C
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if not layer.prefilled:
             result = fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-            layer.finish_prefill(query, key_validity(attention_mask, key), scale)
+            cache.finish_prefill(layer, query, key_validity(attention_mask, key), scale)
             return result
         return decode_step(layer, query, scale), None
 

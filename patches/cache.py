@@ -8,6 +8,8 @@ the decode tokens; keys are stored after RoPE, so a slot's index never matters.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticSlidingWindowLayer, get_layer_types_and_kwargs
@@ -15,6 +17,18 @@ from transformers.utils import is_torchdynamo_compiling
 
 from momentkv.config import MomentKVConfig
 from momentkv.ops import eviction_score, merge_set, prefill_scores
+
+
+class PendingPrompt(NamedTuple):
+    """A layer's scored prompt, held until every layer has scored its own (the vote needs them all)."""
+
+    keys: Tensor
+    values: Tensor
+    key_valid: Tensor  # [B, L]
+    positions: Tensor  # [B, H, L]
+    importance: Tensor
+    normalizer: Tensor
+    score: Tensor | None  # the selection score [B, H, L]; None if the whole prompt fits its slots
 
 
 class BudgetedLayer(CacheLayerMixin):
@@ -30,7 +44,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.prompt_slots = prompt_slots
         self.num_slots = prompt_slots + config.budget + 1
         self.prefilled = False
-        self._pending: tuple[Tensor, Tensor] | None = None
+        self._pending: tuple[Tensor, Tensor] | PendingPrompt | None = None
 
     # -- allocation -----------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -117,29 +131,54 @@ class BudgetedLayer(CacheLayerMixin):
         raise ValueError("momentkv does not support beam search (num_beams > 1); use greedy search or sampling")
 
     # -- prefill --------------------------------------------------------------------
-    def finish_prefill(self, query: Tensor, key_valid: Tensor, scale: float) -> None:
-        """Write the prompt into the prompt slots, compressing it to ``prefill_budget`` if set.
+    def score_prompt(self, query: Tensor, key_valid: Tensor, scale: float) -> None:
+        """Score the prompt's tokens (if a choice is to be made) and hold the prompt until :meth:`write_prompt`.
 
         query [B, Hq, L, D] (the prompt's queries); key_valid bool [B, L] (False on padding)."""
         keys, values = self._pending
-        self._pending = None
         cfg = self.config
         b, h, length, _ = keys.shape
-        p = self.prompt_slots
-        if length > p and cfg.prefill_budget is None:
-            raise ValueError(f"prompt of {length} tokens does not fit the {p} prompt slots of this cache")
-        valid = key_valid[:, None, :].expand(b, h, length)
+        if length > self.prompt_slots and cfg.prefill_budget is None:
+            raise ValueError(f"prompt of {length} tokens does not fit the {self.prompt_slots} prompt slots of this cache")
         positions = torch.arange(length, device=keys.device).expand(b, h, length)
-        needs_scores = length > p or not cfg.protect_prompt
-        if needs_scores:
+        score = None
+        if length > self.prompt_slots or not cfg.protect_prompt:
             window = min(cfg.observation_window, length)
             importance, normalizer = prefill_scores(query[:, :, -window:], keys, key_valid, scale, cfg.alpha)
         else:
             importance = normalizer = torch.zeros(b, h, length, dtype=torch.float32, device=keys.device)
-        sink = valid & (valid.cumsum(-1) <= cfg.sinks)
-        if length > p:
+        if length > self.prompt_slots:
             step = torch.full((), length, dtype=torch.int64, device=keys.device)
             score = eviction_score(cfg.policy_id, importance, normalizer, positions, step, cfg.bias_correction, cfg.seed)
+            score = score.masked_fill(~key_valid[:, None, :], 0.0)
+        self._pending = PendingPrompt(keys, values, key_valid, positions, importance, normalizer, score)
+
+    @property
+    def awaits_vote(self) -> bool:
+        """Whether this layer's prompt selection waits for the model-wide vote (``prefill_vote > 0``)."""
+        return self._pending.score is not None and self.config.prefill_vote > 0
+
+    def vote(self) -> Tensor:
+        """[B, L]: this layer's selection scores as a share of each head's total, averaged over heads."""
+        score = self._pending.score
+        return (score / score.sum(-1, keepdim=True).clamp_min(1e-20)).mean(1)
+
+    def write_prompt(self, vote: Tensor | None = None) -> None:
+        """Write the prompt into the prompt slots, compressing it to ``prefill_budget`` if it is longer.
+
+        vote [B, L]: the model-wide vote (:meth:`MomentKVCache.finish_prefill`), blended into the score
+        with weight ``prefill_vote``."""
+        keys, values, key_valid, positions, importance, normalizer, score = self._pending
+        self._pending = None
+        cfg = self.config
+        b, h, length, _ = keys.shape
+        p = self.prompt_slots
+        valid = key_valid[:, None, :].expand(b, h, length)
+        sink = valid & (valid.cumsum(-1) <= cfg.sinks)
+        if score is not None:
+            if vote is not None:
+                share = score / score.sum(-1, keepdim=True).clamp_min(1e-20)
+                score = (1 - cfg.prefill_vote) * share + cfg.prefill_vote * vote[:, None, :]
             # Sinks first, then the recent window newest first (it may exceed the slots), then by score.
             recent = positions >= length - cfg.recent_window
             rank = torch.where(recent, 1e12 + positions.double(), score.double())
@@ -195,6 +234,19 @@ class MomentKVCache(Cache):
     def nbytes(self) -> int:
         """Bytes held by the budgeted layers (fixed once allocated)."""
         return sum(layer.nbytes() for layer in self.budgeted_layers)
+
+    def finish_prefill(self, layer: BudgetedLayer, query: Tensor, key_valid: Tensor, scale: float) -> None:
+        """Score ``layer``'s prompt and write it, or hold it until the last budgeted layer has scored its own:
+        then the deeper layers' scores (from ``vote_depth`` of the way down) vote on the tokens every layer keeps."""
+        layer.score_prompt(query, key_valid, scale)
+        if not layer.awaits_vote:
+            layer.write_prompt()
+        elif layer is self.budgeted_layers[-1]:
+            layers = self.budgeted_layers
+            voters = layers[int(self.config.vote_depth * len(layers)):]
+            vote = torch.stack([voter.vote() for voter in voters]).mean(0)
+            for each in layers:
+                each.write_prompt(vote)
 
     def fits(self, batch_size: int, prompt_slots: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether a new generation of this shape fits these buffers (reusing them reuses a compiled step too)."""

@@ -108,6 +108,27 @@ def test_window_beyond_the_cache_keeps_sinks_and_the_newest(tiny_model):
             assert kept == [padding, padding + 1, *range(seen - len(kept) + 2, seen)], (row, head)
 
 
+@pytest.mark.parametrize("arch, alone_differ", [("llama", True), ("gemma3", False)])
+def test_prefill_vote_shares_the_prompt_selection(tiny_model, arch, alone_differ):
+    """prefill_vote=1: every budgeted layer and head keeps the same prompt tokens (the deeper layers'
+    vote); prefill_vote=0: each chooses alone (on the tiny llama they differ; gemma3's single
+    full-attention layer happens to pick the same tokens in both heads)."""
+    model = tiny_model(arch)
+    ids, mask = left_padded_batch()
+    kept = {}
+    for vote in (0.0, 1.0):
+        with momentkv.patched(model, budget=4, prefill_budget=8, sinks=1, recent_window=2, prompt_bucket=4,
+                              prefill_vote=vote):
+            greedy(model, ids, mask, 1)
+            layers = momentkv.state_of(model).cache.budgeted_layers
+            kept[vote] = torch.stack([layer.positions[..., :8].masked_fill(~layer.valid[..., :8], -1)
+                                      for layer in layers])  # layers x batch x heads x prompt slots
+    shared = kept[1.0]
+    assert (shared == shared[:1, :, :1]).all()
+    assert (kept[0.0] == kept[0.0][:1, :, :1]).all() != alone_differ
+    assert torch.equal((shared >= 0).sum(-1), mask.sum(-1).clamp_max(8)[None, :, None].expand_as(shared[..., 0]))
+
+
 def test_default_open_window_leaves_momentum_a_choice(tiny_model):
     """Prompt tokens competing, a short prompt: the default window (64) exceeds the cache, but at
     decode it is capped at 7/8 of the evictable slots, so the newest 7/8 stay and momentum, not age,
