@@ -31,6 +31,11 @@ class PendingPrompt(NamedTuple):
     score: Tensor | None  # the selection score [B, H, L]; None if the whole prompt fits its slots
 
 
+def head_share(score: Tensor) -> Tensor:
+    """Each score [B, H, L] as a share of its head's total: comparable across heads and layers."""
+    return score / score.sum(-1, keepdim=True).clamp_min(1e-20)
+
+
 class BudgetedLayer(CacheLayerMixin):
     """One full-attention layer's budgeted cache. Its attention is computed by
     :func:`momentkv.patches.attention` through :meth:`attend`."""
@@ -160,8 +165,7 @@ class BudgetedLayer(CacheLayerMixin):
 
     def vote(self) -> Tensor:
         """[B, L]: this layer's selection scores as a share of each head's total, averaged over heads."""
-        score = self._pending.score
-        return (score / score.sum(-1, keepdim=True).clamp_min(1e-20)).mean(1)
+        return head_share(self._pending.score).mean(1)
 
     def write_prompt(self, vote: Tensor | None = None) -> None:
         """Write the prompt into the prompt slots, compressing it to ``prefill_budget`` if it is longer.
@@ -177,8 +181,7 @@ class BudgetedLayer(CacheLayerMixin):
         sink = valid & (valid.cumsum(-1) <= cfg.sinks)
         if score is not None:
             if vote is not None:
-                share = score / score.sum(-1, keepdim=True).clamp_min(1e-20)
-                score = (1 - cfg.prefill_vote) * share + cfg.prefill_vote * vote[:, None, :]
+                score = (1 - cfg.prefill_vote) * head_share(score) + cfg.prefill_vote * vote[:, None, :]
             # Sinks first, then the recent window newest first (it may exceed the slots), then by score.
             recent = positions >= length - cfg.recent_window
             rank = torch.where(recent, 1e12 + positions.double(), score.double())
