@@ -40,13 +40,14 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None
         raise ValueError(f"{name} must be an int {accepted}, got {value}")
 
 
-def _check_fraction(config: Any, name: str) -> None:
-    """A float field in [0, 1], stored as float."""
+def _check_fraction(config: Any, name: str, below_one: bool = False) -> None:
+    """A float field in [0, 1] (in [0, 1) if ``below_one``), stored as float."""
     value = getattr(config, name)
+    accepted = "[0, 1)" if below_one else "[0, 1]"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1], got {value}")
+        raise TypeError(f"{name} must be a float in {accepted}, got {type(value).__name__}")
+    if math.isnan(value) or not 0.0 <= value <= 1.0 or (below_one and value == 1.0):
+        raise ValueError(f"{name} must be a float in {accepted}, got {value}")
     object.__setattr__(config, name, float(value))
 
 
@@ -88,10 +89,11 @@ class MomentKVConfig:
     observation_window: prompt queries used to score prompt tokens.
     prefill_vote: weight, in [0, 1], of a model-wide vote in each layer's prefill selection. The vote
         is the prompt-token scores of the budgeted layers from ``vote_depth`` of the depth on, each head's
-        as a share of its total, averaged. At 0 each layer and head chooses alone (SnapKV); at 1 every layer keeps the
-        same tokens. With a vote, every layer's prompt keys and values are held until the last layer has
-        scored its own (the full cache's size, during prefill only). Chosen on the needle tasks
-        (results/eval/needle-probe-*.json).
+        as a share of its total, averaged. At 0 each layer and head chooses alone (SnapKV); at 1 (default)
+        every layer keeps the same tokens. With a vote, every layer's prompt keys and values are held
+        until the last layer has scored its own (the full cache's size, during prefill only). Chosen on
+        the retrieval tasks and long prompts, the depth checked on held-apart needle samples
+        (results/eval/fidelity.md, results/eval/needle-probe-niah_multikey-seed*.json).
     vote_depth: where the voting layers start, as a fraction of the budgeted layers, in [0, 1).
     scope: "head" evicts per KV head; "layer" shares one victim across a layer's heads.
     prompt_bucket: prompt slots are sized in multiples of this, so that a compiled
@@ -135,9 +137,7 @@ class MomentKVConfig:
         _check_int("sinks", self.sinks, 0)
         _check_int("observation_window", self.observation_window, 1)
         _check_fraction(self, "prefill_vote")
-        _check_fraction(self, "vote_depth")
-        if self.vote_depth == 1.0:
-            raise ValueError("vote_depth must be a float in [0, 1): at 1 no layer would vote")
+        _check_fraction(self, "vote_depth", below_one=True)  # at 1 no layer would vote
         if self.prefill_budget is not None:
             _check_int("prefill_budget", self.prefill_budget, self.sinks + 1)
         _check_choice("scope", self.scope, SCOPES)

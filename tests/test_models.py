@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
 from transformers import MaxLengthCriteria, StoppingCriteria, StoppingCriteriaList
 
 import momentkv
+from momentkv.patches import cache as budgeted_cache
 from conftest import ARCHITECTURES, left_padded_batch
 
 
@@ -127,6 +129,33 @@ def test_prefill_vote_shares_the_prompt_selection(tiny_model, arch, alone_differ
     assert (shared == shared[:1, :, :1]).all()
     assert (kept[0.0] == kept[0.0][:1, :, :1]).all() != alone_differ
     assert torch.equal((shared >= 0).sum(-1), mask.sum(-1).clamp_max(8)[None, :, None].expand_as(shared[..., 0]))
+
+
+def test_only_layers_from_vote_depth_vote(tiny_model):
+    """Of the tiny llama's two layers, vote_depth=0.5 lets only the second vote: the same choice as all
+    layers voting with the first layer's scores zeroed, and not the choice of both voting as they are."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    score = budgeted_cache.eviction_score
+    calls = []
+
+    def first_layer_silent(*args):
+        calls.append(None)
+        value = score(*args)
+        return torch.zeros_like(value) if len(calls) == 1 else value
+
+    def kept(depth, silence_first=False):
+        calls.clear()
+        with momentkv.patched(model, budget=4, prefill_budget=8, sinks=1, recent_window=2, prompt_bucket=4,
+                              vote_depth=depth), \
+                mock.patch.object(budgeted_cache, "eviction_score", first_layer_silent if silence_first else score):
+            greedy(model, ids, mask, 1)
+            layer = momentkv.state_of(model).cache.budgeted_layers[0]
+            return layer.positions[..., :8].masked_fill(~layer.valid[..., :8], -1)
+
+    deep_only = kept(0.5)
+    assert torch.equal(deep_only, kept(0.0, silence_first=True))
+    assert not torch.equal(deep_only, kept(0.0))
 
 
 def test_default_open_window_leaves_momentum_a_choice(tiny_model):
