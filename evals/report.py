@@ -21,7 +21,8 @@ def _column(key: str) -> str:
 
 
 def tables(results: Results) -> dict[str, tuple[list[str], list[str], dict]]:
-    """workload -> (methods, columns, {(method, column): entry}), methods in first-seen order."""
+    """workload -> (methods, columns, {(method, column): entry}); the full cache first, then methods in
+    first-seen order."""
     out: dict[str, tuple[list[str], list[str], dict]] = {}
     for key, entry in results.data["cells"].items():
         workload, name = key.split("/")[:2]
@@ -33,6 +34,7 @@ def tables(results: Results) -> dict[str, tuple[list[str], list[str], dict]]:
             columns.append(column)
         cells[(name, column)] = entry
     for methods, columns, _ in out.values():
+        methods.sort(key=lambda m: m != "full")  # the reference row first, the rest as first seen
         columns.sort(key=lambda c: [int(p) if p.isdigit() else p for p in c.replace("x", "").split("/")])
     return out
 
@@ -80,7 +82,36 @@ def markdown(results: Results) -> str:
                     row.append(f"{text} ({entry['cache_tokens']:.0f})")
                 lines.append(f"| {name} | " + " | ".join(row) + " |")
             lines.append("")
+        if workload in ("sweep", "long-generation"):
+            lines += per_prompt(workload, methods, columns, cells)
     return "\n".join(lines)
+
+
+def per_prompt(workload: str, methods: list[str], columns: list[str], cells: dict) -> list[str]:
+    """KL per prompt at each budget, with the period of the loop each full-cache reference falls into.
+
+    A mean over 16 prompts can turn on one or two of them: a cache whose recent window spans a
+    reference's loop copies it, one that does not cannot (``loop_period`` in evals/fidelity.py)."""
+    lines = [f"### {workload}: KL per prompt", "",
+             "Bold: lowest KL among compressed methods for the prompt; last column: prompts where the method is lowest.",
+             ""]
+    for column in columns:
+        rows = {m: cells[(m, column)]["kl_rows"] for m in methods
+                if m != "full" and "kl_rows" in cells.get((m, column), {})}
+        if not rows:
+            continue
+        count = len(next(iter(rows.values())))
+        best = [min(r[i] for r in rows.values()) for i in range(count)]
+        loops = cells.get(("full", column), {}).get("loop_period_rows")
+        lines += [f"**budget {column}**", "", "| method | " + " | ".join(map(str, range(count))) + " | lowest on |",
+                  "|---|" + "---|" * (count + 1)]
+        if loops:
+            lines.append("| loop period (full) | " + " | ".join(map(str, loops)) + " | |")
+        for name, values in rows.items():
+            text = [f"**{v:.3f}**" if v == b else f"{v:.3f}" for v, b in zip(values, best)]
+            lines.append(f"| {name} | " + " | ".join(text) + f" | {sum(v == b for v, b in zip(values, best))} |")
+        lines.append("")
+    return lines
 
 
 def plot(results: Results, workload: str, metric: str, label: str, path: Path) -> None:

@@ -137,5 +137,6 @@ def test_small_run_of_every_workload_is_complete_resumable_and_reported(tmp_path
     written = write_report(Results(tmp_path / "fidelity.json"))
     table = (tmp_path / "fidelity.md").read_text()
     assert "## long-generation" in table and "| streamingllm |" in table and "## retrieval" in table
+    assert "### long-generation: KL per prompt" in table and "| loop period (full) |" in table
     assert all(path.exists() and path.stat().st_size > 0 for path in written)
     assert any(path.suffix == ".png" for path in written)
