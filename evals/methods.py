@@ -85,6 +85,8 @@ VARIANTS = (
            dict(recent_window=48, **_UNPROTECTED)),
     Method("momentkv-open-w96", "prompt competes (4 sinks), the newest 96 tokens kept whatever the budget",
            dict(recent_window=96, **_UNPROTECTED)),
+    Method("momentkv-open-wcap", "prompt competes (4 sinks), the recent window as large as the cap allows: "
+           "momentum chooses one evictable slot in eight at every budget", dict(recent_window=1 << 20, **_UNPROTECTED)),
     Method("momentkv-vote0", "momentkv with each layer and head choosing its prompt tokens alone (prefill_vote=0, "
            "SnapKV-style: the default before the vote)", _ALONE),
     Method("momentkv-open-vote0", "momentkv-open with each layer and head choosing its prompt tokens alone",
