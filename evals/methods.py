@@ -66,6 +66,8 @@ VARIANTS = (
            dict(protect_prompt=True), recent_fraction=0.5),
     Method("momentkv-protected-r88", "as above with seven eighths of the budget a recent window, prompt kept",
            dict(protect_prompt=True), recent_fraction=0.875),
+    Method("momentkv-protected-r94", "as above with fifteen sixteenths of the budget a recent window, prompt kept",
+           dict(protect_prompt=True), recent_fraction=0.9375),
     Method("momentkv-open-r50", "prompt competes (4 sinks), half the budget recent", _UNPROTECTED,
            recent_fraction=0.5),
     Method("momentkv-open-r100", "prompt competes (4 sinks), the whole budget recent: momentum picks which "
