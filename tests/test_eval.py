@@ -32,6 +32,23 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_checkpoint())
 
 
+def test_per_prompt_table_marks_the_lowest_kl_and_counts_it(tmp_path):
+    from momentkv.evals.report import markdown
+
+    results = Results(tmp_path / "r.json")
+    results.data["cells"] = {
+        "long-generation/momentkv/32": dict(top1=0.9, kl=0.2, cache_tokens=40, kl_rows=[0.1, 0.3, 0.2]),
+        "long-generation/full/32": dict(top1=1.0, kl=0.0, cache_tokens=99, loop_period_rows=[70, 12, 8]),
+        "long-generation/window/32": dict(top1=0.8, kl=0.3, cache_tokens=40, kl_rows=[0.2, 0.1, 0.2]),
+    }
+    text = markdown(results)
+    section = text.split("### long-generation: KL per prompt")[1]
+    assert "| loop period (full) | 70 | 12 | 8 | |" in section
+    assert "| momentkv | **0.100** | 0.300 | **0.200** | 2 |" in section  # a tie is lowest for both
+    assert "| window | 0.200 | **0.100** | **0.200** | 2 |" in section
+    assert text.index("| full |") < text.index("| momentkv |")  # the reference row first
+
+
 def test_rouge_l():
     assert rouge_l("a b c d", "a b c d") == 1.0
     assert rouge_l("a x c", "a b c") == pytest.approx(2 / 3)
