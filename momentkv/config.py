@@ -74,8 +74,9 @@ class MomentKVConfig:
         most the budget, default ``budget - budget // 8``. When prompt tokens compete it may be any size,
         default ``max(budget, 64)``, and at decode time it never covers more than 7/8 of the
         evictable slots the cache holds: momentum chooses which prompt and older tokens fill the
-        rest of the cache (if those are all sinks, the oldest goes: the StreamingLLM rule). Both
-        defaults were chosen on held-apart prompts (results/eval/sweep.md).
+        rest of the cache (if those are all sinks, the oldest goes: the StreamingLLM rule). At prefill
+        compression, in both modes, it covers at most 7/8 of the ``prefill_budget - sinks`` slots, so the
+        prefill scores choose the rest. Both defaults were chosen on held-apart prompts (results/eval/sweep.md).
     correction: "moments" adds the evicted set back as a virtual key; "none" drops it.
     moment_weight: moment-informed eviction, in [0, 1]. At 1 a slot's momentum accumulates only
         the attention the moments would not recover if it were evicted (its probability minus

@@ -110,6 +110,28 @@ def test_window_beyond_the_cache_keeps_sinks_and_the_newest(tiny_model):
             assert kept == [padding, padding + 1, *range(seen - len(kept) + 2, seen)], (row, head)
 
 
+@pytest.mark.parametrize("protect_prompt", [True, False])
+def test_prefill_window_leaves_the_vote_a_choice(tiny_model, protect_prompt):
+    """A recent window as large as the prefill budget: the prefill selection caps it at 7/8 of the
+    10 non-sink slots (9), as at decode, so the vote still chooses one (without the cap it was the
+    StreamingLLM selection, sinks plus the newest 10)."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(lengths=(30, 24, 20))
+
+    def prompt_kept(window):
+        with momentkv.patched(model, budget=12, prefill_budget=12, sinks=2, recent_window=window, prompt_bucket=4,
+                              protect_prompt=protect_prompt):
+            greedy(model, ids, mask, 1)
+            layers = momentkv.state_of(model).cache.budgeted_layers
+            return torch.stack([layer.positions[..., :12].sort(-1).values for layer in layers])
+
+    capped = prompt_kept(12)
+    assert torch.equal(capped, prompt_kept(9))
+    newest = torch.arange(ids.shape[1] - 9, ids.shape[1])
+    assert (capped[..., -9:] == newest).all()
+    assert not (capped[..., 2] == ids.shape[1] - 10).all(), "the vote chose exactly StreamingLLM's token everywhere"
+
+
 @pytest.mark.parametrize("arch, alone_differ", [("llama", True), ("gemma3", False)])
 def test_prefill_vote_shares_the_prompt_selection(tiny_model, arch, alone_differ):
     """prefill_vote=1: every budgeted layer and head keeps the same prompt tokens (the deeper layers'
