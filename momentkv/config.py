@@ -28,6 +28,11 @@ OPEN_RECENT_WINDOW = 64
 # (the window is capped at run time, so a short prompt does not leave momentum nothing to choose).
 MOMENTUM_SHARE = 8
 
+
+def window_cap(slots: int) -> int:
+    """The most of ``slots`` evictable slots a recent window may cover, so momentum chooses the rest."""
+    return slots - slots // MOMENTUM_SHARE
+
 # Policy ids as the ops see them (ops take ints, not strings, so the compiled graph stays simple).
 POLICY_IDS = {"momentum": MOMENTUM, "window": WINDOW, "random": RANDOM}
 
@@ -125,7 +130,7 @@ class MomentKVConfig:
         _check_bool("bias_correction", self.bias_correction)
         _check_choice("policy", self.policy, POLICIES)
         if self.recent_window is None:
-            window = (self.budget - self.budget // MOMENTUM_SHARE if self.protect_prompt
+            window = (window_cap(self.budget) if self.protect_prompt
                       else max(self.budget, OPEN_RECENT_WINDOW))
             object.__setattr__(self, "recent_window", window)
         _check_int("recent_window", self.recent_window, 0, self.budget if self.protect_prompt else None)

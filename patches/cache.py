@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticSlidingWindowLayer, get_layer_types_and_kwargs
 from transformers.utils import is_torchdynamo_compiling
 
-from momentkv.config import MOMENTUM_SHARE, MomentKVConfig
+from momentkv.config import MomentKVConfig, window_cap
 from momentkv.ops import eviction_score, merge_set, prefill_scores
 
 
@@ -185,7 +185,7 @@ class BudgetedLayer(CacheLayerMixin):
             # Sinks first, then the recent window newest first, then by score. As at decode, the window
             # covers at most 7/8 of the evictable slots, so the score (the vote) always chooses some.
             choosable = p - cfg.sinks
-            window = min(cfg.recent_window, choosable - choosable // MOMENTUM_SHARE)
+            window = min(cfg.recent_window, window_cap(choosable))
             recent = positions >= length - window
             rank = torch.where(recent, 1e12 + positions.double(), score.double())
             rank = torch.where(sink, 2e12, rank).masked_fill(~valid, float("-inf"))
