@@ -65,12 +65,14 @@ def test_forward_outside_generate_is_the_unpatched_model(tiny_model):
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, expected)
 
 
+# Models still outside the interface in every supported transformers (GPT-J and CodeGen joined it in 5.24).
 @pytest.mark.parametrize("config_name, model_name", [
-    ("FalconConfig", "FalconForCausalLM"), ("GPTJConfig", "GPTJForCausalLM"), ("BloomConfig", "BloomForCausalLM"),
+    ("FalconConfig", "FalconForCausalLM"), ("MptConfig", "MptForCausalLM"), ("BloomConfig", "BloomForCausalLM"),
 ])
 def test_models_outside_the_attention_interface_are_refused(config_name, model_name):
-    config = getattr(transformers, config_name)(vocab_size=64, hidden_size=32, n_embd=32, n_layer=1,
-                                                num_hidden_layers=1, n_head=2, num_attention_heads=2, n_positions=64)
+    config = getattr(transformers, config_name)(vocab_size=64, hidden_size=32, n_embd=32, d_model=32, n_layer=1,
+                                                num_hidden_layers=1, n_layers=1, n_head=2, n_heads=2,
+                                                num_attention_heads=2, n_positions=64, max_seq_len=64)
     model = getattr(transformers, model_name)(config)
     with pytest.raises(ValueError, match=repr(config.model_type)):
         momentkv.patch(model, budget=8)
