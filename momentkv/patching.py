@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from transformers import CompileConfig, GenerationConfig, PreTrainedModel
+from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -133,8 +134,12 @@ def state_of(model: PreTrainedModel) -> PatchState:
     return state
 
 
+# transformers 5.24 renamed generate's ``past_key_values`` to ``cache``; the old name now warns on every call.
+_CACHE_KWARG = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+
 _REFUSED = {
     "past_key_values": "momentkv manages the cache itself; do not pass past_key_values",
+    "cache": "momentkv manages the cache itself; do not pass cache",
     "assistant_model": "assisted/speculative generation is not supported with a budgeted cache",
     "prompt_lookup_num_tokens": "prompt-lookup (speculative) decoding is not supported with a budgeted cache",
     "cache_implementation": "momentkv manages the cache itself; do not pass cache_implementation",
@@ -168,7 +173,7 @@ def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
             kwargs.setdefault("compile_config", _compile_config(model) if state.compile else None)
             kwargs.setdefault("disable_compile", not state.compile)
         try:
-            return generate(inputs, past_key_values=state.active, **kwargs)
+            return generate(inputs, **{_CACHE_KWARG: state.active}, **kwargs)
         finally:
             state.active = None
 

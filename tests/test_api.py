@@ -103,6 +103,7 @@ def test_patch_errors_are_clear(tiny_model):
     ({"cache_implementation": "static"}, "cache_implementation"),
     ({"prompt_lookup_num_tokens": 3}, "prompt_lookup"),
     ({"past_key_values": transformers.DynamicCache()}, "past_key_values"),
+    ({"cache": transformers.DynamicCache()}, "do not pass cache"),
 ])
 def test_unsupported_generation_modes_are_refused(tiny_model, kwargs, words):
     model = tiny_model("llama")
