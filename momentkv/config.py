@@ -30,8 +30,9 @@ MOMENTUM_SHARE = 8
 
 
 def window_cap(slots: int) -> int:
-    """The most of ``slots`` evictable slots a recent window may cover, so momentum chooses the rest."""
+    """The most of ``slots`` evictable slots a recent window may cover, so the score chooses the rest."""
     return slots - slots // MOMENTUM_SHARE
+
 
 # Policy ids as the ops see them (ops take ints, not strings, so the compiled graph stays simple).
 POLICY_IDS = {"momentum": MOMENTUM, "window": WINDOW, "random": RANDOM}
