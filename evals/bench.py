@@ -24,6 +24,7 @@ import torch
 from transformers import CompileConfig, StaticCache, StoppingCriteriaList
 
 import momentkv
+from momentkv.patching import GENERATE_CACHE_ARG
 
 from .kernel_bench import _versions
 from .step_timer import StepTimer, kv_bytes
@@ -74,11 +75,11 @@ def run_system(system: str, model, ids, new_tokens: int, budget: int, kvpress_py
     timer = StepTimer(device)
     if system == "full-dynamic":
         out = _generate(model, ids, tokens, timer, full_cache=True, disable_compile=True)
-        result = dict(kv_bytes=kv_bytes(out.past_key_values))
+        result = dict(kv_bytes=kv_bytes(getattr(out, GENERATE_CACHE_ARG)))
     elif system == "full-static-compiled":
         cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
         mode = "reduce-overhead" if device.type == "cuda" else "default"
-        _generate(model, ids, tokens, timer, full_cache=True, past_key_values=cache,
+        _generate(model, ids, tokens, timer, full_cache=True, **{GENERATE_CACHE_ARG: cache},
                   compile_config=_compile_config(mode))
         result = dict(kv_bytes=kv_bytes(cache))
     else:

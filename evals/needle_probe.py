@@ -64,13 +64,13 @@ def kept_fractions(model: PreTrainedModel, ids: torch.Tensor, positions: list[in
                    ) -> list[list[float]]:
     """Per budgeted layer and KV head, the fraction of ``positions`` still in the cache after prefill."""
     with momentkv.patched(model, config=config):
-        out = model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+        model.generate(input_ids=ids, max_new_tokens=1, do_sample=False)
+        layers = momentkv.state_of(model).cache.budgeted_layers
     wanted = torch.tensor(positions)
     rows = []
-    for layer in out.past_key_values.layers:
-        if isinstance(layer, budgeted_cache.BudgetedLayer):
-            kept = layer.positions[0].masked_fill(~layer.valid[0], -1)
-            rows.append([torch.isin(wanted, head).float().mean().item() for head in kept])
+    for layer in layers:
+        kept = layer.positions[0].masked_fill(~layer.valid[0], -1)
+        rows.append([torch.isin(wanted, head).float().mean().item() for head in kept])
     return rows
 
 

@@ -134,8 +134,9 @@ def state_of(model: PreTrainedModel) -> PatchState:
     return state
 
 
-# transformers 5.24 renamed generate's ``past_key_values`` to ``cache``; the old name now warns on every call.
-_CACHE_KWARG = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+# transformers 5.24 renamed generate's ``past_key_values`` (argument and output field) to ``cache``; the old name
+# now warns on every use.
+GENERATE_CACHE_ARG = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
 
 _REFUSED = {
     "past_key_values": "momentkv manages the cache itself; do not pass past_key_values",
@@ -173,7 +174,7 @@ def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
             kwargs.setdefault("compile_config", _compile_config(model) if state.compile else None)
             kwargs.setdefault("disable_compile", not state.compile)
         try:
-            return generate(inputs, **{_CACHE_KWARG: state.active}, **kwargs)
+            return generate(inputs, **{GENERATE_CACHE_ARG: state.active}, **kwargs)
         finally:
             state.active = None
 
