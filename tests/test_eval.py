@@ -112,6 +112,23 @@ def test_settings_are_checked():
         cli(["eval", "--budgets", "0", "--report-only"])
 
 
+def test_report_skips_metrics_a_method_lacks(tmp_path):
+    """kvpress's presses run teacher-forced only: their long-generation cells have no ROUGE-L, and the
+    table and plots must still be written (a dash in the table, no point in the plot)."""
+    from momentkv.evals.report import write_report
+
+    row = dict(top1=0.9, kl=0.2, cache_tokens=79, budget=32, kl_rows=[0.1, 0.3])
+    results = Results(tmp_path / "fidelity.json")
+    results.add("long-generation/full/32", dict(top1=1.0, kl=0.0, rouge_l=1.0, cache_tokens=1000, budget=32))
+    results.add("long-generation/momentkv/32", dict(row, rouge_l=0.4))
+    results.add("long-generation/kvpress-tova/32", row)
+    written = write_report(results)
+    assert {p.name for p in written} >= {"fidelity.md", "fidelity-long-generation-rouge_l.png"}
+    table = (tmp_path / "fidelity.md").read_text()
+    rouge = table.split("**ROUGE-L**")[1]
+    assert "| kvpress-tova | — |" in rouge and "| momentkv | **0.400** (79) |" in rouge
+
+
 SMALL = Settings(workloads=("sweep", "long-generation", "long-prompt", "perplexity", "retrieval"),
                  methods=("full", "momentkv", "streamingllm"), budgets=(4, 64), prompts=2, new_tokens=12,
                  sweep_prompts=2, sweep_tokens=8, passages=1, passage_tokens=256, passage_new_tokens=8,
