@@ -6,7 +6,9 @@ Only the model given is touched: its attention implementation name, and an insta
 
 from __future__ import annotations
 
+import copy
 import itertools
+import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,12 +17,12 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers import CompileConfig, GenerationConfig, PreTrainedModel
 from transformers.generation.utils import ALL_CACHE_NAMES
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.modeling_utils import AttentionInterface
 
 from momentkv.config import MomentKVConfig
-from momentkv.patches import MomentKVCache, make_attention
+from momentkv.patches import MomentKVCache, UnsupportedAttention, make_attention, own_attention
+from momentkv.patches.support import refusal
 
 _ATTR = "_momentkv"
 _names = itertools.count()
@@ -42,20 +44,17 @@ class PatchState:
     attention: Callable | None = field(default=None, repr=False)
     cache: MomentKVCache | None = None
     active: MomentKVCache | None = field(default=None, repr=False)
+    # One generation at a time per model: the cache is the model's. Another thread waits its turn.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    owner: int | None = field(default=None, repr=False)
 
 
 def _check_supported(model: Any) -> None:
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    if not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(
-            f"momentkv cannot patch model type {model_type!r}: its attention does not go through transformers' "
-            "attention interface (supported: Llama, Mistral, Qwen2, Qwen3, Phi3, Gemma, Gemma3 and other models "
-            "whose modeling code dispatches through ALL_ATTENTION_FUNCTIONS)"
-        )
-    if getattr(model.config.get_text_config(decoder=True), "attn_logit_softcapping", None) is not None:
-        raise ValueError(f"momentkv does not support attention logit soft-capping (model type {model_type!r})")
+    reason = refusal(model)
+    if reason is not None:
+        raise ValueError(reason)
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("model has parameters on the meta device; load or materialise its weights before patching")
     if hasattr(model, _ATTR):
@@ -79,15 +78,13 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
         raise TypeError("pass either config=... or budget=... with options, not both")
     if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"compile must be None, True or False, got {compile!r}")
-    context = _context_length(model)
-    if context is not None and config.budget > context:
-        raise ValueError(f"budget must be an int in [1, {context}] (the model's context), got {config.budget}")
+    _check_bounds(config, _context_length(model))
 
     original = model.config._attn_implementation
     states = _REUSABLE.setdefault(model, {})
     state = states.get((config, original))
     if state is None:
-        fallback = ALL_ATTENTION_FUNCTIONS[original] if original in ALL_ATTENTION_FUNCTIONS else sdpa_attention_forward
+        fallback = own_attention(original)
         mask = ALL_MASK_ATTENTION_FUNCTIONS[original] if original in ALL_MASK_ATTENTION_FUNCTIONS else sdpa_mask
         state = PatchState(config=config, name=f"momentkv_{next(_names)}", original_attention=original,
                            compile=compile, mask=mask)
@@ -99,17 +96,76 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
     model.set_attn_implementation(state.name)
     setattr(model, _ATTR, state)
     model.generate = _budgeted_generate(model, state)
+    model.__deepcopy__ = lambda memo: _deepcopy_patched(model, memo)
+    model.__reduce_ex__ = _refuse_pickling
+    try:
+        _trial_generation(model, state)
+    except (UnsupportedAttention, ValueError) as error:
+        unpatch(model)
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise ValueError(f"momentkv cannot patch model type {kind!r}: a two-token trial generation with the budgeted "
+                         f"cache failed: {error}") from error
     return model
+
+
+_INSTANCE_ATTRS = ("generate", "__deepcopy__", "__reduce_ex__", _ATTR)
+
+
+def _check_bounds(config: MomentKVConfig, context: int | None) -> None:
+    """No option may size anything beyond the model's context."""
+    if context is None:
+        return
+    for name in ("budget", "prefill_budget", "prompt_bucket", "observation_window", "sinks", "recent_window"):
+        value = getattr(config, name)
+        if value is not None and value > context:
+            low = 0 if name in ("sinks", "recent_window") else 1
+            raise ValueError(f"{name} must be an int in [{low}, {context}] (the model's context), got {value}")
+
+
+def _trial_generation(model: PreTrainedModel, state: PatchState) -> None:
+    """Two tokens after a three-token prompt through the budgeted cache, so that a model whose attention the
+    decode step cannot reproduce (keys transformed after the cache, a cache of its own...) is refused now,
+    not after its first answer. Its cache is dropped; nothing else is kept."""
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = (torch.arange(3, device=model.device) % vocab)[None]
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
+                       do_sample=False, pad_token_id=0, eos_token_id=None, disable_compile=True, compile_config=None)
+    decoded = [layer.decode_len.item() for layer in state.cache.budgeted_layers if layer.is_initialized]
+    state.cache = None
+    if not decoded or max(decoded) == 0:
+        raise UnsupportedAttention("no full-attention layer decoded through the budgeted cache")
+
+
+def _deepcopy_patched(model: PreTrainedModel, memo: dict) -> PreTrainedModel:
+    """``copy.deepcopy`` of a patched model: an unpatched copy of its weights, patched anew with the same
+    configuration, so it generates with its own weights and cache and unpatches on its own."""
+    state = state_of(model)
+    saved = {name: model.__dict__.pop(name) for name in _INSTANCE_ATTRS if name in model.__dict__}
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        model.__dict__.update(saved)
+    clone.set_attn_implementation(state.original_attention)
+    return patch(clone, config=state.config, compile=state.compile)
+
+
+def _refuse_pickling(protocol: int) -> None:
+    raise TypeError("a model patched by momentkv cannot be pickled or saved whole (its generate and attention belong "
+                    "to this process): save model.state_dict() or call momentkv.unpatch(model) first, then patch again "
+                    "after loading")
 
 
 def unpatch(model: PreTrainedModel) -> PreTrainedModel:
     """Undo :func:`patch`: the model's attention and ``generate`` are as before; returns the model."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     state = getattr(model, _ATTR, None)
     if state is None:
         raise ValueError("model is not patched by momentkv (momentkv.patch was not called on it)")
     model.set_attn_implementation(state.original_attention)
-    del model.generate
-    delattr(model, _ATTR)
+    for name in _INSTANCE_ATTRS:
+        model.__dict__.pop(name, None)
     state.cache = state.active = None  # free the buffers; the state itself is kept for a later patch
     AttentionInterface._global_mapping.pop(state.name, None)
     AttentionMaskInterface._global_mapping.pop(state.name, None)
@@ -128,6 +184,8 @@ def patched(model: PreTrainedModel, budget: int | None = None, **options: Any) -
 
 def state_of(model: PreTrainedModel) -> PatchState:
     """The patch state of a patched model (its config and its current cache)."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     state = getattr(model, _ATTR, None)
     if state is None:
         raise ValueError("model is not patched by momentkv")
@@ -144,6 +202,13 @@ _REFUSED = {
     "assistant_model": "assisted/speculative generation is not supported with a budgeted cache",
     "prompt_lookup_num_tokens": "prompt-lookup (speculative) decoding is not supported with a budgeted cache",
     "cache_implementation": "momentkv manages the cache itself; do not pass cache_implementation",
+    "penalty_alpha": "contrastive search re-runs steps on a cropped cache, which a budgeted cache cannot do",
+    "prefill_chunk_size": "chunked prefill writes several tokens per step after the first, which momentkv refuses",
+}
+# Flags that would silently give less than asked: refused when set to anything but these values.
+_REFUSED_UNLESS = {
+    "output_attentions": (False, "the budgeted decode step computes no attention weights to return"),
+    "num_beam_groups": (1, "diverse beam search is beam search, which momentkv does not support"),
 }
 
 
@@ -155,13 +220,22 @@ def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name}: {why}")
         gen_config: GenerationConfig = kwargs.get("generation_config") or model.generation_config
+        if not isinstance(gen_config, GenerationConfig):
+            raise TypeError(f"generation_config must be a transformers GenerationConfig, got {type(gen_config).__name__}")
+        for name, (allowed, why) in _REFUSED_UNLESS.items():
+            value = kwargs.get(name, getattr(gen_config, name, allowed))
+            if value not in (None, allowed):
+                raise ValueError(f"{name}={value!r} is not supported with momentkv: {why}")
         num_beams = kwargs.get("num_beams", gen_config.num_beams) or 1
         if num_beams > 1:
             raise ValueError(f"num_beams must be 1 with momentkv (got {num_beams}); beam search is not supported")
         if kwargs.get("use_cache", gen_config.use_cache) is False:
             raise ValueError("use_cache=False bypasses the cache; momentkv needs use_cache=True")
+        if gen_config.cache_implementation is not None:  # a checkpoint's choice of cache: momentkv's replaces it
+            kwargs["generation_config"] = gen_config = copy.deepcopy(gen_config)
+            gen_config.cache_implementation = None
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if prompt is None or prompt.ndim < 2:
+        if not isinstance(prompt, torch.Tensor) or prompt.ndim < 2:
             raise ValueError("momentkv.generate needs a batched prompt (input_ids of shape [batch, length])")
         batch, length = prompt.shape[:2]
         if length == 0:
@@ -169,14 +243,20 @@ def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
         context = _context_length(model)
         if context is not None and length > context:
             raise ValueError(f"the prompt has {length} tokens, more than the model's context of {context}")
-        state.active = _cache_for(model, state, batch, length, prompt.device)
-        if state.compile is not None:
-            kwargs.setdefault("compile_config", _compile_config(model) if state.compile else None)
-            kwargs.setdefault("disable_compile", not state.compile)
-        try:
-            return generate(inputs, **{GENERATE_CACHE_ARG: state.active}, **kwargs)
-        finally:
-            state.active = None
+        batch *= kwargs.get("num_return_sequences", gen_config.num_return_sequences) or 1
+        if state.owner == threading.get_ident():
+            raise RuntimeError("generate was called again from inside a generate of the same patched model "
+                               "(a streamer or stopping criterion?); momentkv runs one generation per model at a time")
+        with state.lock:  # a generation in another thread finishes first
+            state.owner = threading.get_ident()
+            try:
+                state.active = _cache_for(model, state, batch, length, prompt.device)
+                if state.compile is not None:
+                    kwargs.setdefault("compile_config", _compile_config(model) if state.compile else None)
+                    kwargs.setdefault("disable_compile", not state.compile)
+                return generate(inputs, **{GENERATE_CACHE_ARG: state.active}, **kwargs)
+            finally:
+                state.active = state.owner = None
 
     return budgeted_generate
 
@@ -190,7 +270,8 @@ def _cache_for(model: PreTrainedModel, state: PatchState, batch: int, length: in
     """A fresh cache for this prompt: the previous one reset in place when its shape allows."""
     slots = state.config.prompt_slots(length)
     cache = state.cache
-    if cache is not None and cache.fits(batch, slots, model.dtype, device):
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.dtype
+    if cache is not None and cache.fits(batch, slots, dtype, device):
         cache.reset()
     else:
         cache = state.cache = MomentKVCache(model.config, state.config, slots)

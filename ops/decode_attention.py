@@ -1,8 +1,10 @@
 """``momentkv::decode_attention``: one query per sequence against the budgeted slots.
 
 Exact softmax attention over the valid slots, merged (log-sum-exp) with the
-evicted set's virtual key from its moments, and, fused, the momentum update of
-each slot's score with the probability it received (averaged over the GQA group).
+evicted set's virtual key from its moments and with the model's learned attention
+sinks (a per-head logit in the normaliser with no value, as gpt-oss has), and, fused,
+the momentum update of each slot's score with the probability it received (averaged
+over the GQA group).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ def decode_attention_reference(
     alpha: float,
     corrected: bool,
     moment_weight: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """query [B, Hq, Dk]; keys [B, Hkv, S, Dk]; values [B, Hkv, S, Dv]; valid bool [B, Hkv, S];
     moments n [B, Hkv], mu_k [B, Hkv, Dk], mu_v [B, Hkv, Dv], comoment [B, Hkv, Dv, Dk] (fp32);
-    importance, normalizer fp32 [B, Hkv, S], updated in place: I = alpha I + p, Z = alpha Z + 1 on valid slots.
+    importance, normalizer fp32 [B, Hkv, S], updated in place: I = alpha I + p, Z = alpha Z + 1 on valid slots;
+    sinks [Hq] (optional): each query head's learned sink logit, which takes a share of the softmax and gives nothing.
     Returns the attention output [B, Hq, Dv] in the query's dtype.
 
     The plain-PyTorch kernel: runs on every device and is the reference for the others."""
@@ -45,6 +49,9 @@ def decode_attention_reference(
         mean_logit = torch.matmul(q, mu_k.unsqueeze(-1)).mul_(scale).masked_fill_(empty, float("-inf"))
         virtual_logit = mean_logit + torch.log(n.clamp_min(1.0))[..., None, None]
         peak = torch.maximum(peak, virtual_logit)
+    if sinks is not None:
+        sink_logit = sinks.float().view(1, hkv, hq // hkv, 1)
+        peak = torch.maximum(peak, sink_logit)
     peak.clamp_(min=torch.finfo(torch.float32).min)  # a row with nothing to attend gives 0, not NaN
     weights = torch.exp(logits - peak)
     total = weights.sum(-1, keepdim=True)
@@ -55,6 +62,8 @@ def decode_attention_reference(
         total = total + virtual_weight
         correction = torch.matmul(q, comoment.transpose(-1, -2)).mul_((scale / n.clamp_min(1.0))[..., None, None])
         out = out + virtual_weight * (correction + mu_v.unsqueeze(2))
+    if sinks is not None:
+        total = total + torch.exp(sink_logit - peak)
     total.clamp_(min=torch.finfo(torch.float32).tiny)
     out = out / total
     probs = weights / total
@@ -77,5 +86,5 @@ decode_attention = torch.library.custom_op(
 
 @decode_attention.register_fake
 def _(query, keys, values, valid, n, mu_k, mu_v, comoment, importance, normalizer, scale, alpha, corrected,
-      moment_weight=0.0):
+      moment_weight=0.0, sinks=None):
     return query.new_empty(query.shape[0], query.shape[1], values.shape[-1])

@@ -57,7 +57,7 @@ def evict_reference(
         held = (evictable.all(dim=1, keepdim=True) if shared else evictable).sum(-1, keepdim=True)
         window = (held - held // window_share).clamp_max(recent_window)
     candidates = evictable & (positions < seen - window)
-    score = eviction_score(policy, importance, normalizer, positions, seen, bias_correction, seed)
+    score = eviction_score(policy, importance, normalizer, positions, seen, decode_len, bias_correction, seed)
     age = positions.to(torch.float32)
     if shared:
         candidates = candidates.all(dim=1, keepdim=True).expand_as(candidates)

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_support import dots_in_fp32
+from .decode_attention import decode_attention_reference
+from .triton_support import dots_in_fp32, tiles
 
 TARGET_PROGRAMS = 264  # about two waves on an H100's 132 SMs
 MAX_SPLITS = 64
@@ -83,11 +84,11 @@ def _split_kernel(Q, K, V, VALID, LOGITS, PART_M, PART_L, PART_ACC,
 
 
 @triton.jit
-def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_M, FINAL_L, MEAN_LOGIT,
+def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_M, FINAL_L, MEAN_LOGIT, SINKS,
                     NS, scale, sqb, sqh, sob, soh,
                     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                     NS_P2: tl.constexpr, BLOCK_DV: tl.constexpr, CORRECTED: tl.constexpr,
-                    MOMENT_AWARE: tl.constexpr):
+                    MOMENT_AWARE: tl.constexpr, HAS_SINKS: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
@@ -109,12 +110,17 @@ def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_
             tl.store(MEAN_LOGIT + bh * BLOCK_G + g, mean_logit)
         virtual = tl.log(tl.maximum(count, 1.0)) + mean_logit
         m = tl.maximum(m, virtual)
+    if HAS_SINKS:  # a learned sink: a logit in the normaliser, no value
+        sink = tl.load(SINKS + h * G + g, mask=gmask, other=float("-inf")).to(tl.float32)
+        m = tl.maximum(m, sink)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(pm - m_safe[None, :])
     total = tl.sum(w * pl, 0)
     if CORRECTED:
         w_virtual = tl.exp(virtual - m_safe)
         total += w_virtual
+    if HAS_SINKS:
+        total += tl.exp(sink - m_safe)
     total = tl.maximum(total, 1.1754943508222875e-38)
     tl.store(FINAL_M + bh * BLOCK_G + g, m_safe)
     tl.store(FINAL_L + bh * BLOCK_G + g, total)
@@ -166,10 +172,14 @@ def _momentum_kernel(LOGITS, FINAL_M, FINAL_L, MEAN_LOGIT, VALID, IMP, NORM, S, 
 
 def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: Tensor, n: Tensor, mu_k: Tensor,
                             mu_v: Tensor, comoment: Tensor, importance: Tensor, normalizer: Tensor, scale: float,
-                            alpha: float, corrected: bool, moment_weight: float = 0.0) -> Tensor:
+                            alpha: float, corrected: bool, moment_weight: float = 0.0,
+                            sinks: Tensor | None = None) -> Tensor:
     """Same contract as the reference ``decode_attention``."""
     b, hq, d = query.shape
     hkv, slots, dv = keys.shape[1], keys.shape[2], values.shape[-1]
+    if not tiles(d, dv):
+        return decode_attention_reference(query, keys, values, valid, n, mu_k, mu_v, comoment, importance, normalizer,
+                                          scale, alpha, corrected, moment_weight, sinks)
     g = hq // hkv
     block_g = max(16, triton.next_power_of_2(g))
     query, keys, values = query.contiguous(), keys.contiguous(), values.contiguous()
@@ -193,10 +203,11 @@ def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: 
         values.stride(0), values.stride(1), values.stride(2), valid.stride(0), valid.stride(1),
         HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, BLOCK=config["block"], FP32=config["fp32"])
     _combine_kernel[(b * hkv,)](
-        query, n, mu_k, mu_v, comoment, part_m, part_l, part_acc, out, final_m, final_l, mean_logit, splits, scale,
+        query, n, mu_k, mu_v, comoment, part_m, part_l, part_acc, out, final_m, final_l, mean_logit,
+        sinks.contiguous() if sinks is not None else final_m, splits, scale,  # final_m: never read without sinks
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, NS_P2=config["ns_p2"], BLOCK_DV=config["block_dv"],
-        CORRECTED=corrected, MOMENT_AWARE=moment_aware)
+        CORRECTED=corrected, MOMENT_AWARE=moment_aware, HAS_SINKS=sinks is not None)
     imp = importance if importance.is_contiguous() else importance.contiguous()
     norm = normalizer if normalizer.is_contiguous() else normalizer.contiguous()
     _momentum_kernel[(b * hkv, triton.cdiv(slots, MOMENTUM_BLOCK))](

@@ -10,14 +10,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .evict import evict_reference
 from .scores import MOMENTUM, RANDOM, WINDOW
+from .triton_support import tiles
 
 BLOCK_S = 128
 
 
 @triton.jit
-def _hash_uniform(pos, step, lane, seed):
-    x = pos * 0x9E3779B1 + step * 0x85EBCA77 + lane.to(tl.int64) * 0x27D4EB2F + seed
+def _hash_uniform(age, draw, head, seed):
+    x = age * 0x9E3779B1 + draw * 0x85EBCA77 + head.to(tl.int64) * 0x27D4EB2F + seed
     x = x & 0xFFFFFFFF
     x = x ^ (x >> 15)
     x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
@@ -28,7 +30,7 @@ def _hash_uniform(pos, step, lane, seed):
 
 
 @triton.jit
-def _score(IMP, NORM, POS, VALID, EVICTABLE, base, s, smask, step, threshold, lane, seed,
+def _score(IMP, NORM, POS, VALID, EVICTABLE, base, s, smask, step, draw, threshold, head, seed,
            POLICY: tl.constexpr, BIAS: tl.constexpr):
     ok = tl.load(VALID + base + s, mask=smask, other=0) != 0
     evictable = ok & (tl.load(EVICTABLE + base + s, mask=smask, other=0) != 0)
@@ -41,7 +43,7 @@ def _score(IMP, NORM, POS, VALID, EVICTABLE, base, s, smask, step, threshold, la
     elif POLICY == 1:
         score = pos.to(tl.float32)
     else:
-        score = _hash_uniform(pos, step, lane, seed)
+        score = _hash_uniform(step - pos, draw, head, seed)
     return ok, score, evictable, pos
 
 
@@ -70,6 +72,7 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FR
         h0 = pid % H
         heads = 1
     step = tl.load(SEEN)
+    draw = tl.load(DECODE_LEN)
     window = recent
     if WINDOW_SHARE > 0:  # cap the window by the evictable slots held (in every head, if shared)
         held = 0
@@ -97,8 +100,8 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FR
         age = tl.zeros([BLOCK], tl.float32)
         for hh in range(heads):
             lane = b * H + h0 + hh
-            ok, score, evictable, pos = _score(IMP, NORM, POS, VALID, EVICTABLE, lane * S, s, smask, step, threshold,
-                                               lane, seed, POLICY, BIAS)
+            ok, score, evictable, pos = _score(IMP, NORM, POS, VALID, EVICTABLE, lane * S, s, smask, step, draw,
+                                               threshold, h0 + hh, seed, POLICY, BIAS)
             candidate = candidate & ok
             fallback = fallback & evictable
             total += score
@@ -107,7 +110,7 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FR
         oldest, oldest_victim = _running_min(tl.where(fallback, age / heads, float("inf")), s0, oldest, oldest_victim)
     fits = best < float("inf")
     victim = tl.where(fits, victim, oldest_victim)
-    gate = (tl.load(DECODE_LEN) > budget) & (fits | (oldest < float("inf")))
+    gate = (draw > budget) & (fits | (oldest < float("inf")))
     if gate:
         for hh in range(heads):
             lane = b * H + h0 + hh
@@ -143,6 +146,10 @@ def evict_triton(keys: Tensor, values: Tensor, valid: Tensor, evictable: Tensor,
         raise ValueError("evict_triton needs contiguous tensors (the cache allocates them so)")
     b, h, slots, d = keys.shape
     dv = values.shape[-1]
+    if not tiles(d, dv):
+        return evict_reference(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v,
+                               comoment, free_slot, decode_len, seen, budget, policy, bias_correction, recent_window,
+                               window_share, shared, seed, fold)
     grid = (b if shared else b * h,)
     _evict_kernel[grid](
         keys, values, valid.view(torch.uint8), evictable.view(torch.uint8), importance, normalizer, positions,

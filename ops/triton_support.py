@@ -13,3 +13,9 @@ def dots_in_fp32(dtype: torch.dtype) -> bool:
     On a GPU, bf16 and fp16 use tensor-core dots with fp32 accumulation."""
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     return dtype == torch.float32 or (interpreting and dtype == torch.bfloat16)
+
+
+def tiles(*head_dims: int) -> bool:
+    """Whether the kernels can tile these head sizes: ``tl.arange`` spans powers of two (16 and up for
+    ``tl.dot``). Other sizes (Phi-3's 96, an MLA value head of 24) run the reference kernel, exact but slower."""
+    return all(d >= 16 and d & (d - 1) == 0 for d in head_dims)

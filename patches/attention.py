@@ -7,11 +7,12 @@ and any call made outside a momentkv generation go to the model's own attention.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
 from torch import Tensor
-
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from momentkv.ops.kernels import call
 
@@ -28,17 +29,60 @@ def key_validity(attention_mask: Tensor | None, key: Tensor) -> Tensor:
     return allowed.expand(batch, length)
 
 
-def decode_step(layer: BudgetedLayer, query: Tensor, scale: float) -> Tensor:
-    """Attention of one new token over a budgeted layer, then eviction if over budget. Returns [B, 1, Hq, Dv]."""
+def decode_step(layer: BudgetedLayer, query: Tensor, scale: float, sinks: Tensor | None = None) -> Tensor:
+    """Attention of one new token over a budgeted layer, then eviction if over budget. Returns [B, 1, Hq, Dv].
+
+    sinks [Hq]: the model's learned attention-sink logits, if it has them."""
     cfg = layer.config
     moments = (layer.n, layer.mu_k, layer.mu_v, layer.comoment)
     out = call("decode_attention", query[:, :, 0], layer.keys, layer.values, layer.valid, *moments,
                layer.importance, layer.normalizer, scale, cfg.alpha, cfg.corrected,
-               cfg.moment_weight)
+               cfg.moment_weight, sinks)
     call("evict", layer.keys, layer.values, layer.valid, layer.evictable, layer.importance, layer.normalizer,
          layer.positions, *moments, layer.free_slot, layer.decode_len, layer.seen, cfg.budget, cfg.policy_id,
          cfg.bias_correction, cfg.recent_window, cfg.window_share, cfg.scope == "layer", cfg.seed, cfg.corrected)
     return out.unsqueeze(1)
+
+
+def own_attention(implementation: str) -> Callable:
+    """The attention function a model runs under ``implementation``: a registered one, or, for
+    "eager", the one its modeling module defines (``eager_attention_forward``: transformers' convention,
+    which also carries a model's own extras, such as gpt-oss's sinks, that SDPA would drop)."""
+    if implementation in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    eager: dict[type, Callable] = {}
+
+    def module_eager_attention(module, *args, **kwargs):
+        kind = type(module)
+        if kind not in eager:
+            eager[kind] = getattr(sys.modules[kind.__module__], "eager_attention_forward")
+        return eager[kind](module, *args, **kwargs)
+
+    return module_eager_attention
+
+
+# Keyword arguments of the attention interface that change the maths of a full-attention layer beyond
+# what the decode op computes (``s_aux``, learned sinks, is computed). A budgeted layer refuses them.
+UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "attention_chunk_size")
+
+
+class UnsupportedAttention(ValueError):
+    """A model's attention does something the budgeted decode step would get wrong."""
+
+
+def _check_decode_call(layer: BudgetedLayer, module, key: Tensor, value: Tensor, kwargs: dict) -> None:
+    """Refuse, before any token is produced, what the decode op cannot reproduce exactly: keys or values
+    that are not the cache's own (the model transforms them after the cache, or calls attention twice per
+    layer), or arguments that change the attention's maths."""
+    where = f"layer {module.layer_idx} of model type {getattr(module.config, 'model_type', type(module).__name__)!r}"
+    if key is not layer.keys or value is not layer.values:
+        raise UnsupportedAttention(
+            f"momentkv cannot budget {where}: its attention reads keys or values other than the cache's own "
+            "(transformed after the cache update, or read at another layer's index), so the budgeted decode step "
+            "would not compute the model's attention")
+    for name in UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise UnsupportedAttention(f"momentkv cannot budget {where}: its attention uses {name}={kwargs[name]!r}")
 
 
 def make_attention(active_cache: Callable[[], MomentKVCache | None], fallback: Callable) -> Callable:
@@ -55,6 +99,8 @@ def make_attention(active_cache: Callable[[], MomentKVCache | None], fallback: C
             result = fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
             cache.finish_prefill(layer, query, key_validity(attention_mask, key), scale)
             return result
-        return decode_step(layer, query, scale), None
+        if not torch.compiler.is_compiling():
+            _check_decode_call(layer, module, key, value, kwargs)
+        return decode_step(layer, query, scale, kwargs.get("s_aux")), None
 
     return momentkv_attention

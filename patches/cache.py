@@ -12,11 +12,13 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin, StaticSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin
 from transformers.utils import is_torchdynamo_compiling
 
 from momentkv.config import MomentKVConfig, window_cap
 from momentkv.ops import eviction_score, merge_set, prefill_scores
+
+from .support import BOUNDED, BUDGETED, layer_types
 
 
 class PendingPrompt(NamedTuple):
@@ -54,6 +56,7 @@ class BudgetedLayer(CacheLayerMixin):
     # -- allocation -----------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.inference = torch.is_inference_mode_enabled()  # inference tensors cannot be updated outside that mode
         self.batch_size, self.num_heads = key_states.shape[:2]
         b, h, s = self.batch_size, self.num_heads, self.num_slots
         dk, dv = key_states.shape[-1], value_states.shape[-1]
@@ -153,8 +156,9 @@ class BudgetedLayer(CacheLayerMixin):
         else:
             importance = normalizer = torch.zeros(b, h, length, dtype=torch.float32, device=keys.device)
         if length > self.prompt_slots:
-            step = torch.full((), length, dtype=torch.int64, device=keys.device)
-            score = eviction_score(cfg.policy_id, importance, normalizer, positions, step, cfg.bias_correction, cfg.seed)
+            seen, draw = (torch.full((), value, dtype=torch.int64, device=keys.device) for value in (length, 0))
+            score = eviction_score(cfg.policy_id, importance, normalizer, positions, seen, draw, cfg.bias_correction,
+                                   cfg.seed)
             score = score.masked_fill(~key_valid[:, None, :], 0.0)
         self._pending = PendingPrompt(keys, values, key_valid, positions, importance, normalizer, score)
 
@@ -211,24 +215,19 @@ class BudgetedLayer(CacheLayerMixin):
 
 
 class MomentKVCache(Cache):
-    """A transformers ``Cache`` whose full-attention layers are budgeted; sliding-window
-    layers keep transformers' own static window (they are already bounded)."""
+    """A transformers ``Cache`` whose full-attention layers are budgeted; sliding-window, chunked,
+    linear-attention and convolution layers keep transformers' own static layers (already bounded)."""
 
     def __init__(self, model_config, config: MomentKVConfig, prompt_slots: int):
-        text_config = model_config.get_text_config(decoder=True)
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        kinds, kinds_kwargs = layer_types(model_config)
         layers: list[CacheLayerMixin] = []
-        for layer_type, kwargs in zip(layer_types, layer_kwargs):
-            if layer_type == "full_attention":
+        for kind, kwargs in zip(kinds, kinds_kwargs):
+            if kind == BUDGETED:
                 layers.append(BudgetedLayer(config, prompt_slots))
-            elif layer_type == "sliding_attention":
-                window = kwargs["sliding_window"]
-                layers.append(StaticSlidingWindowLayer(max_cache_len=window, sliding_window=window))
-            else:
-                raise ValueError(
-                    f"momentkv supports full and sliding-window attention layers, not {layer_type!r} layers "
-                    f"(model type {model_config.model_type!r})"
-                )
+            elif kind in BOUNDED:  # transformers' own static layer: a window, a recurrent state, or nothing
+                layers.append(STATIC_LAYER_TYPE_MAPPING[kind](max_cache_len=kwargs.get("sliding_window", 1), **kwargs))
+            else:  # patch refuses such models (patches/support.py); a config changed since patching lands here
+                raise ValueError(f"momentkv cannot budget {kind!r} layers (model type {model_config.model_type!r})")
         super().__init__(layers=layers)
         self.config = config
         self.prompt_slots = prompt_slots
@@ -264,4 +263,5 @@ class MomentKVCache(Cache):
             and layer.prompt_slots >= prompt_slots
             and layer.dtype == dtype
             and layer.device == device
+            and layer.inference == torch.is_inference_mode_enabled()
         )

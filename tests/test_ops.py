@@ -163,7 +163,7 @@ def run_evictions(steps, b=1, h=2, s=6, d=4, budget=3, policy=MOMENTUM, recent=1
         seen += 1
         decode_len += 1
         snapshot_valid = valid.clone()
-        expected = eviction_score(policy, importance, normalizer, positions, seen, True, 0)
+        expected = eviction_score(policy, importance, normalizer, positions, seen, decode_len, True, 0)
         evict(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, com, free,
               decode_len, seen, budget, policy, True, recent, 0, shared, 0, True)
         gone = snapshot_valid & ~valid

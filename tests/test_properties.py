@@ -64,7 +64,7 @@ def test_evict_matches_brute_force(b, h, s, budget, recent, policy, shared, seed
     before = {k: v.clone() for k, v in state.items()}
     evict(*state.values(), budget, policy, True, recent, window_share, shared, 3, True)
     score = eviction_score(policy, before["importance"], before["normalizer"], before["positions"], before["seen"],
-                           True, 3)
+                           before["decode_len"], True, 3)
     for bi in range(b):
         for hi in range(h):
             heads = range(h) if shared else [hi]

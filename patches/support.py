@@ -1,0 +1,57 @@
+"""Which models momentkv can budget exactly, and the reason it gives for those it refuses.
+
+Every rule here is checked at ``patch`` time, from the model's config and modules, so that a model
+is either budgeted exactly or refused with a ``ValueError`` that names its type and why; the
+architecture sweep (``momentkv models``, docs/models.md) checks the rules against every causal LM.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+from transformers.cache_utils import get_layer_types_and_kwargs
+
+BUDGETED = "full_attention"
+# Layer kinds whose state transformers' static cache already bounds: momentkv keeps transformers' own
+# static layer for them and budgets the full-attention layers around them.
+BOUNDED = ("sliding_attention", "chunked_attention", "conv", "linear_attention", "dummy")
+
+
+def layer_types(model_config) -> tuple[list[str], list[dict]]:
+    """The cache layer kind of each decoder layer, and the arguments of its cache layer (transformers' view)."""
+    return get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))
+
+
+def model_type(model: PreTrainedModel) -> str:
+    return getattr(model.config, "model_type", None) or type(model).__name__
+
+
+def refusal(model: PreTrainedModel) -> str | None:
+    """Why momentkv cannot budget ``model`` exactly (a sentence naming its model type), or None."""
+    kind = model_type(model)
+    text = model.config.get_text_config(decoder=True)
+    if not getattr(model, "_supports_attention_backend", False):
+        return (f"momentkv cannot patch model type {kind!r}: its attention does not go through transformers' "
+                "attention interface (supported: Llama, Mistral, Qwen2, Qwen3, Phi3, Gemma, Gemma3 and other models "
+                "whose modeling code dispatches through ALL_ATTENTION_FUNCTIONS; docs/models.md lists them all)")
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        return f"momentkv does not support attention logit soft-capping (model type {kind!r})"
+    if getattr(model.config, "is_encoder_decoder", False) or getattr(text, "add_cross_attention", False):
+        return (f"momentkv cannot patch model type {kind!r}: it has cross-attention to an encoder, whose cache "
+                "is not a decode-time cache to budget")
+    bidirectional = [name for name, module in model.named_modules()
+                     if hasattr(module, "layer_idx") and getattr(module, "is_causal", True) is False]
+    if bidirectional:
+        return (f"momentkv cannot patch model type {kind!r}: its attention is bidirectional (is_causal=False in "
+                f"{bidirectional[0]}); build it as a decoder (is_decoder=True) to generate")
+    try:
+        types, _ = layer_types(model.config)
+    except Exception as error:  # a config transformers itself cannot read layer kinds from
+        return f"momentkv cannot patch model type {kind!r}: its cache layout is unknown ({type(error).__name__}: {error})"
+    unknown = sorted(set(types) - {BUDGETED, *BOUNDED})
+    if unknown:
+        return (f"momentkv cannot patch model type {kind!r}: it has {', '.join(map(repr, unknown))} layers; momentkv "
+                f"budgets full-attention layers and keeps transformers' cache for {', '.join(BOUNDED)} layers")
+    if BUDGETED not in types:
+        return (f"momentkv cannot patch model type {kind!r}: none of its layers has full attention (they are "
+                f"{', '.join(sorted(set(types)))}), so its cache is bounded already and a budget would change nothing")
+    return None

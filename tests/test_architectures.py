@@ -1,0 +1,47 @@
+"""Every causal-LM architecture of the installed transformers: exact, or refused at patch time with a reason.
+
+The sweep itself (``momentkv.evals.architectures``) builds each tiny model; these tests run it in CI and
+pin the attention variants momentkv supports for real (each fails on the code before that support).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from momentkv.evals.architectures import causal_lm_architectures, check
+
+ARCHITECTURES = dict(causal_lm_architectures())
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_architecture_is_exact_or_refused(model_type, tmp_path):
+    outcome = check(model_type, ARCHITECTURES[model_type], tmp_path)
+    assert outcome.outcome not in ("wrong", "crash"), outcome.reason
+
+
+@pytest.mark.parametrize("model_type, variant", [
+    ("gpt_oss", "learned attention sinks in the softmax normaliser (and sliding layers between)"),
+    ("granite_swa", "learned attention sinks"),
+    ("mimo_v2_flash", "value heads wider than key heads (24 against 16), with sinks"),
+    ("smollm3", "no-RoPE layers"),
+    ("llama4_text", "chunked-attention layers, kept bounded like sliding ones"),
+    ("qwen3_moe", "a mixture-of-experts block"),
+    ("gemma3_text", "sliding-window layers between the budgeted ones"),
+])
+def test_attention_variant_is_exact(model_type, variant, tmp_path):
+    outcome = check(model_type, ARCHITECTURES[model_type], tmp_path)
+    assert outcome.outcome == "exact", f"{variant}: {outcome.reason}"
+
+
+@pytest.mark.parametrize("model_type, reason", [
+    ("mistral", "none of its layers has full attention"),  # every layer sliding: a budget would change nothing
+    ("deepseek_v3", "reads keys or values other than the cache's own"),  # a latent (MLA) cache, expanded later
+    ("jetmoe", "reads keys or values other than the cache's own"),  # keys repeated per expert after the cache
+    ("diffllama", "reads keys or values other than the cache's own"),  # two attention calls on split values
+    ("gemma2", "soft-capping"),
+    ("falcon", "does not go through transformers' attention interface"),
+])
+def test_unsupported_attention_is_refused_at_patch_time(model_type, reason, tmp_path):
+    outcome = check(model_type, ARCHITECTURES[model_type], tmp_path)
+    assert outcome.outcome == "refused" and reason in outcome.reason, outcome
+    assert repr(model_type) in outcome.reason
