@@ -231,8 +231,8 @@ def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
             raise ValueError(f"num_beams must be 1 with momentkv (got {num_beams}); beam search is not supported")
         if kwargs.get("use_cache", gen_config.use_cache) is False:
             raise ValueError("use_cache=False bypasses the cache; momentkv needs use_cache=True")
-        if gen_config.cache_implementation is not None:  # a checkpoint's choice of cache: momentkv's replaces it
-            kwargs["generation_config"] = gen_config = copy.deepcopy(gen_config)
+        if "generation_config" in kwargs and gen_config.cache_implementation is not None:
+            kwargs["generation_config"] = gen_config = copy.deepcopy(gen_config)  # the caller's stays as it is
             gen_config.cache_implementation = None
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if not isinstance(prompt, torch.Tensor) or prompt.ndim < 2:
@@ -249,6 +249,10 @@ def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
                                "(a streamer or stopping criterion?); momentkv runs one generation per model at a time")
         with state.lock:  # a generation in another thread finishes first
             state.owner = threading.get_ident()
+            # A checkpoint's choice of cache (generation_config.cache_implementation) yields to momentkv's for
+            # this call: transformers fills unset options from the model's config, so it is cleared there.
+            checkpoint_cache = model.generation_config.cache_implementation
+            model.generation_config.cache_implementation = None
             try:
                 state.active = _cache_for(model, state, batch, length, prompt.device)
                 if state.compile is not None:
@@ -257,6 +261,7 @@ def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
                 return generate(inputs, **{GENERATE_CACHE_ARG: state.active}, **kwargs)
             finally:
                 state.active = state.owner = None
+                model.generation_config.cache_implementation = checkpoint_cache
 
     return budgeted_generate
 
@@ -274,7 +279,7 @@ def _cache_for(model: PreTrainedModel, state: PatchState, batch: int, length: in
     if cache is not None and cache.fits(batch, slots, dtype, device):
         cache.reset()
     else:
-        cache = state.cache = MomentKVCache(model.config, state.config, slots)
+        cache = state.cache = MomentKVCache(model.config, state.config, slots, dtype)
     return cache
 
 

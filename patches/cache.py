@@ -62,7 +62,8 @@ class BudgetedLayer(CacheLayerMixin):
         dk, dv = key_states.shape[-1], value_states.shape[-1]
         f32 = dict(dtype=torch.float32, device=self.device)
         self.keys = torch.zeros(b, h, s, dk, dtype=self.dtype, device=self.device)
-        self.values = torch.zeros(b, h, s, dv, dtype=self.dtype, device=self.device)
+        # keys and values may differ in dtype (under autocast, RoPE returns fp32 keys beside bf16 values)
+        self.values = torch.zeros(b, h, s, dv, dtype=value_states.dtype, device=self.device)
         self.valid = torch.zeros(b, h, s, dtype=torch.bool, device=self.device)
         self.evictable = torch.zeros(b, h, s, dtype=torch.bool, device=self.device)
         self.importance = torch.zeros(b, h, s, **f32)
@@ -218,7 +219,7 @@ class MomentKVCache(Cache):
     """A transformers ``Cache`` whose full-attention layers are budgeted; sliding-window, chunked,
     linear-attention and convolution layers keep transformers' own static layers (already bounded)."""
 
-    def __init__(self, model_config, config: MomentKVConfig, prompt_slots: int):
+    def __init__(self, model_config, config: MomentKVConfig, prompt_slots: int, dtype: torch.dtype | None = None):
         kinds, kinds_kwargs = layer_types(model_config)
         layers: list[CacheLayerMixin] = []
         for kind, kwargs in zip(kinds, kinds_kwargs):
@@ -231,6 +232,9 @@ class MomentKVCache(Cache):
         super().__init__(layers=layers)
         self.config = config
         self.prompt_slots = prompt_slots
+        # The compute dtype of the call that made this cache (the model's, or autocast's): under autocast
+        # keys and values may come in different dtypes, so the buffers' dtypes alone cannot say what fits.
+        self.call_dtype = dtype
 
     @property
     def budgeted_layers(self) -> list[BudgetedLayer]:
@@ -261,7 +265,7 @@ class MomentKVCache(Cache):
         return (
             layer.batch_size == batch_size
             and layer.prompt_slots >= prompt_slots
-            and layer.dtype == dtype
+            and self.call_dtype == dtype
             and layer.device == device
             and layer.inference == torch.is_inference_mode_enabled()
         )

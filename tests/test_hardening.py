@@ -136,6 +136,6 @@ def test_several_new_tokens_in_one_step_are_refused(tiny_model):
     model = tiny_model("llama")
     ids, mask = left_padded_batch()
     with momentkv.patched(model, budget=8):
-        with pytest.raises(ValueError, match="one token per step"):
+        with pytest.raises(ValueError, match="prefill_chunk_size: chunked prefill"):
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0,
                            prefill_chunk_size=4)
