@@ -206,7 +206,7 @@ def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: 
         query, n, mu_k, mu_v, comoment, part_m, part_l, part_acc, out, final_m, final_l, mean_logit,
         sinks.contiguous() if sinks is not None else final_m, splits, scale,  # final_m: never read without sinks
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, NS_P2=config["ns_p2"], BLOCK_DV=config["block_dv"],
+        HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, NS_P2=config["ns_p2"], BLOCK_DV=min(config["block_dv"], dv),
         CORRECTED=corrected, MOMENT_AWARE=moment_aware, HAS_SINKS=sinks is not None)
     imp = importance if importance.is_contiguous() else importance.contiguous()
     norm = normalizer if normalizer.is_contiguous() else normalizer.contiguous()

@@ -121,3 +121,45 @@ def test_prefill_scores_kernel_matches_reference(dtype, alpha, hq, hkv):
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(importance, ref_importance, rtol=tol, atol=tol)
     torch.testing.assert_close(normalizer, ref_normalizer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dk, dv", [(64, 64), (16, 32), (32, 16), (16, 24), (96, 96)],
+                         ids=["same", "values-wider", "values-narrower", "values-24-untiled", "head-96-untiled"])
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["no-sinks", "sinks"])
+def test_decode_attention_kernel_with_sinks_and_value_head_sizes(dtype, dk, dv, with_sinks):
+    """Learned sinks (a logit in the normaliser, no value) and value heads of another size than the keys'.
+    Sizes the kernel cannot tile (24, 96) run the reference: the same numbers, never a crash."""
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, s = 2, 4, 2, 40
+    state = dict(query=torch.randn(b, hq, dk, generator=gen).to(dtype), keys=torch.randn(b, hkv, s, dk, generator=gen)
+                 .to(dtype), values=torch.randn(b, hkv, s, dv, generator=gen).to(dtype),
+                 valid=torch.rand(b, hkv, s, generator=gen) > 0.2, n=torch.full((b, hkv), 4.0),
+                 mu_k=torch.randn(b, hkv, dk, generator=gen) * 0.3, mu_v=torch.randn(b, hkv, dv, generator=gen),
+                 comoment=torch.randn(b, hkv, dv, dk, generator=gen) * 0.1,
+                 importance=torch.rand(b, hkv, s, generator=gen), normalizer=torch.rand(b, hkv, s, generator=gen) + 1)
+    state = {k: v.to(DEVICE) for k, v in state.items()}
+    sinks = (torch.randn(hq, generator=gen) * 2).to(DEVICE) if with_sinks else None
+    expected_state = {k: v.clone() for k, v in state.items()}
+    out = decode_attention_triton(*state.values(), 0.2, 0.9, True, 0.0, sinks)
+    expected = REFERENCES["decode_attention"](*expected_state.values(), 0.2, 0.9, True, 0.0, sinks)
+    tol = TOLERANCE[dtype]
+    assert out.shape == (b, hq, dv)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(state["importance"], expected_state["importance"], rtol=tol, atol=tol)
+
+
+def test_sinks_take_their_share_of_the_softmax():
+    """The reference against plain softmax attention with a sink column whose value is zero."""
+    gen = torch.Generator().manual_seed(4)
+    b, hq, hkv, s, d = 1, 4, 2, 9, 16
+    query, keys = torch.randn(b, hq, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    values, sinks = torch.randn(b, hkv, s, d, generator=gen), torch.randn(hq, generator=gen)
+    zeros = dict(n=torch.zeros(b, hkv), mu_k=torch.zeros(b, hkv, d), mu_v=torch.zeros(b, hkv, d),
+                 comoment=torch.zeros(b, hkv, d, d), importance=torch.zeros(b, hkv, s), normalizer=torch.zeros(b, hkv, s))
+    out = REFERENCES["decode_attention"](query, keys, values, torch.ones(b, hkv, s, dtype=torch.bool),
+                                         *zeros.values(), 0.25, 0.9, True, 0.0, sinks)
+    k, v = keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1)
+    logits = torch.cat([torch.einsum("bhd,bhsd->bhs", query, k) * 0.25, sinks.view(1, hq, 1)], -1)
+    expected = torch.einsum("bhs,bhsd->bhd", logits.softmax(-1)[..., :s], v)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
