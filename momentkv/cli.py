@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     longrun.add_argument("--out", help="write the results as JSON to this file")
     evaluate = commands.add_parser("eval", help="fidelity of every method against the full cache (SmolLM2, offline)")
     add_eval_arguments(evaluate)
+    models = commands.add_parser("models", help="patch a tiny model of every causal-LM architecture of the installed "
+                                                "transformers: exact or refused (writes docs/models.md)")
+    models.add_argument("--out", default="docs/models.md", help="markdown table to write (default docs/models.md)")
+    models.add_argument("--json", help="also write the outcomes as JSON to this file")
+    models.add_argument("--only", default="", help="comma-separated model types (default: every one)")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -155,6 +160,18 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(result, f, indent=2)
     elif args.command == "eval":
         return run_eval(args, parser)
+    elif args.command == "models":
+        from pathlib import Path
+
+        from momentkv.evals.architectures import sweep, to_json, write_markdown
+
+        outcomes = sweep([t for t in args.only.split(",") if t] or None)
+        write_markdown(outcomes, Path(args.out))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(to_json(outcomes), f, indent=2)
+        if any(o.outcome in ("wrong", "crash") for o in outcomes):
+            return 1
     elif args.command == "long-run":
         import torch
 

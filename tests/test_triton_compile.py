@@ -50,14 +50,15 @@ def check_decode_attention(dtype, head_dim):
     assert worst["splits"] == attention.MAX_SPLITS
     g = dict(HKV=1, G=8, BLOCK_G=16, D=head_dim, DV=head_dim)
     f32 = {name: "*fp32" for name in ("LOGITS", "PART_M", "PART_L", "PART_ACC", "N", "MU_K", "MU_V", "COM",
-                                      "FINAL_M", "FINAL_L", "MEAN_LOGIT", "IMP", "NORM")}
+                                      "FINAL_M", "FINAL_L", "MEAN_LOGIT", "IMP", "NORM", "SINKS")}
     types = {**f32, "Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "OUT": f"*{t}", "VALID": "*u8", "scale": "fp32",
              "alpha": "fp32", "moment_weight": "fp32"}
     compile_for_hopper(attention._split_kernel, types, {**g, "BLOCK": worst["block"], "FP32": worst["fp32"]})
     for moment_aware in (False, True):
         compile_for_hopper(attention._combine_kernel, types, {**g, "NS_P2": worst["ns_p2"],
                                                               "BLOCK_DV": worst["block_dv"], "CORRECTED": True,
-                                                              "MOMENT_AWARE": moment_aware})
+                                                              "MOMENT_AWARE": moment_aware,
+                                                              "HAS_SINKS": moment_aware})  # each variant once
         compile_for_hopper(attention._momentum_kernel, types, dict(HKV=1, G=8, BLOCK_G=16,
                                                                    BLOCK=attention.MOMENTUM_BLOCK,
                                                                    MOMENT_AWARE=moment_aware))
