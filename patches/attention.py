@@ -73,16 +73,21 @@ class UnsupportedAttention(ValueError):
 def _check_decode_call(layer: BudgetedLayer, module, key: Tensor, value: Tensor, kwargs: dict) -> None:
     """Refuse, before any token is produced, what the decode op cannot reproduce exactly: keys or values
     that are not the cache's own (the model transforms them after the cache, or calls attention twice per
-    layer), or arguments that change the attention's maths."""
-    where = f"layer {module.layer_idx} of model type {getattr(module.config, 'model_type', type(module).__name__)!r}"
+    layer), or arguments that change the attention's maths. Two identity checks per layer and step."""
     if key is not layer.keys or value is not layer.values:
         raise UnsupportedAttention(
-            f"momentkv cannot budget {where}: its attention reads keys or values other than the cache's own "
-            "(transformed after the cache update, or read at another layer's index), so the budgeted decode step "
-            "would not compute the model's attention")
+            f"momentkv cannot budget {_where(module)}: its attention reads keys or values other than the cache's "
+            "own (transformed after the cache update, or read at another layer's index), so the budgeted decode "
+            "step would not compute the model's attention")
     for name in UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
-            raise UnsupportedAttention(f"momentkv cannot budget {where}: its attention uses {name}={kwargs[name]!r}")
+            raise UnsupportedAttention(f"momentkv cannot budget {_where(module)}: its attention uses "
+                                       f"{name}={kwargs[name]!r}")
+
+
+def _where(module) -> str:
+    kind = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
+    return f"layer {module.layer_idx} of model type {kind!r}"
 
 
 def make_attention(active_cache: Callable[[], MomentKVCache | None], fallback: Callable) -> Callable:
