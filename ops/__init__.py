@@ -11,7 +11,7 @@ import torch
 from .cpu import register_fused_cpu_kernels
 from .decode_attention import decode_attention
 from .evict import evict
-from .moments import fold_token, merge_set
+from .moments import fold_range, fold_token, merge_range, merge_set
 from .prefill_scores import prefill_scores
 from .scores import MOMENTUM, RANDOM, WINDOW, eviction_score
 
@@ -35,7 +35,9 @@ __all__ = [
     "decode_attention",
     "evict",
     "eviction_score",
+    "fold_range",
     "fold_token",
+    "merge_range",
     "merge_set",
     "prefill_scores",
 ]

@@ -29,11 +29,13 @@ def decode_attention_reference(
     corrected: bool,
     moment_weight: float = 0.0,
     sinks: Tensor | None = None,
+    value_range: Tensor | None = None,
 ) -> Tensor:
     """query [B, Hq, Dk]; keys [B, Hkv, S, Dk]; values [B, Hkv, S, Dv]; valid bool [B, Hkv, S];
     moments n [B, Hkv], mu_k [B, Hkv, Dk], mu_v [B, Hkv, Dv], comoment [B, Hkv, Dv, Dk] (fp32);
     importance, normalizer fp32 [B, Hkv, S], updated in place: I = alpha I + p, Z = alpha Z + 1 on valid slots;
-    sinks [Hq] (optional): each query head's learned sink logit, which takes a share of the softmax and gives nothing.
+    sinks [Hq] (optional): each query head's learned sink logit, which takes a share of the softmax and gives nothing;
+    value_range fp32 [B, Hkv, 2, Dv] (optional): low and high of the evicted values, which bound the virtual value.
     Returns the attention output [B, Hq, Dv] in the query's dtype.
 
     The plain-PyTorch kernel: runs on every device and is the reference for the others."""
@@ -61,7 +63,12 @@ def decode_attention_reference(
         virtual_weight = torch.exp(virtual_logit - peak)
         total = total + virtual_weight
         correction = torch.matmul(q, comoment.transpose(-1, -2)).mul_((scale / n.clamp_min(1.0))[..., None, None])
-        out = out + virtual_weight * (correction + mu_v.unsqueeze(2))
+        virtual_value = correction + mu_v.unsqueeze(2)
+        if value_range is not None:
+            # The evicted set's true contribution is a weighted mean of its values, so within their range;
+            # the first-order term is not (it grows with the logits and overflowed fp16 at large ones).
+            virtual_value = torch.minimum(torch.maximum(virtual_value, value_range[:, :, :1]), value_range[:, :, 1:])
+        out = out + virtual_weight * virtual_value
     if sinks is not None:
         total = total + torch.exp(sink_logit - peak)
     total.clamp_(min=torch.finfo(torch.float32).tiny)
@@ -86,5 +93,5 @@ decode_attention = torch.library.custom_op(
 
 @decode_attention.register_fake
 def _(query, keys, values, valid, n, mu_k, mu_v, comoment, importance, normalizer, scale, alpha, corrected,
-      moment_weight=0.0, sinks=None):
+      moment_weight=0.0, sinks=None, value_range=None):
     return query.new_empty(query.shape[0], query.shape[1], values.shape[-1])

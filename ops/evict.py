@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .moments import fold_token
+from .moments import fold_range, fold_token
 from .scores import eviction_score
 
 
@@ -37,6 +37,7 @@ def evict_reference(
     shared: bool,
     seed: int,
     fold: bool,
+    value_range: Tensor | None = None,
 ) -> None:
     """keys [B, H, S, Dk], values [B, H, S, Dv]; valid, evictable bool [B, H, S]; importance,
     normalizer fp32 [B, H, S]; positions int64 [B, H, S]; moments as in decode_attention;
@@ -48,7 +49,7 @@ def evict_reference(
     every head holds), so the score always chooses among some. If no slot is a candidate (only
     sinks lie outside the window), the oldest evictable slot goes. ``shared`` averages scores over heads and
     evicts one slot per sequence in every head. ``fold`` keeps the moments (off when no
-    correction is used). The plain-PyTorch kernel: runs on every device and is the reference
+    correction is used), and ``value_range`` [B, H, 2, Dv], if given, the range of the evicted values. The plain-PyTorch kernel: runs on every device and is the reference
     for the others."""
     over = decode_len > budget
     evictable = valid & evictable
@@ -76,14 +77,17 @@ def evict_reference(
         k = keys.gather(2, slot[..., None].expand(-1, -1, 1, keys.shape[-1])).squeeze(2)
         v = values.gather(2, slot[..., None].expand(-1, -1, 1, values.shape[-1])).squeeze(2)
         fold_token(n, mu_k, mu_v, comoment, k, v, gate)
+        if value_range is not None:
+            fold_range(value_range, v, gate)
 
 
 evict = torch.library.custom_op(
-    "momentkv::evict", evict_reference, mutates_args=("valid", "n", "mu_k", "mu_v", "comoment", "free_slot")
+    "momentkv::evict", evict_reference, mutates_args=("valid", "n", "mu_k", "mu_v", "comoment", "free_slot", "value_range")
 )
 
 
 @evict.register_fake
 def _(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, comoment, free_slot,
-      decode_len, seen, budget, policy, bias_correction, recent_window, window_share, shared, seed, fold):
+      decode_len, seen, budget, policy, bias_correction, recent_window, window_share, shared, seed, fold,
+      value_range=None):
     return None

@@ -1,7 +1,8 @@
 """Running moments of the evicted set: count, key mean, value mean, value-key co-moment.
 
 Kept in fp32 and updated incrementally (Welford for one token, Chan's merge for
-a batch), so they stay exact after thousands of folds.
+a batch), so they stay exact after thousands of folds. Beside them, the per-dimension range
+of the evicted values (with 0, where the buffer starts), which bounds the first-order estimate.
 """
 
 from __future__ import annotations
@@ -46,3 +47,20 @@ def merge_set(
     mu_k.add_(dk * (nb / safe)[..., None])
     mu_v.add_(dv * (nb / safe)[..., None])
     n.copy_(total)
+
+
+def fold_range(value_range: Tensor, v: Tensor, gate: Tensor) -> None:
+    """Widen ``value_range`` [B, H, 2, Dv] (low, high) to hold ``v`` [B, H, Dv] where ``gate`` [B, H] is True."""
+    v = v.float()
+    low = torch.where(gate[..., None], torch.minimum(value_range[:, :, 0], v), value_range[:, :, 0])
+    high = torch.where(gate[..., None], torch.maximum(value_range[:, :, 1], v), value_range[:, :, 1])
+    value_range.copy_(torch.stack([low, high], dim=2))
+
+
+def merge_range(value_range: Tensor, values: Tensor, mask: Tensor) -> None:
+    """Widen ``value_range`` to hold the ``values`` [B, H, L, Dv] selected by ``mask`` [B, H, L]."""
+    v = values.float()
+    low = v.masked_fill(~mask[..., None], float("inf")).amin(-2)
+    high = v.masked_fill(~mask[..., None], float("-inf")).amax(-2)
+    value_range.copy_(torch.stack([torch.minimum(value_range[:, :, 0], low),
+                                   torch.maximum(value_range[:, :, 1], high)], dim=2))

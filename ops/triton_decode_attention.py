@@ -84,11 +84,11 @@ def _split_kernel(Q, K, V, VALID, LOGITS, PART_M, PART_L, PART_ACC,
 
 
 @triton.jit
-def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_M, FINAL_L, MEAN_LOGIT, SINKS,
+def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_M, FINAL_L, MEAN_LOGIT, SINKS, VRANGE,
                     NS, scale, sqb, sqh, sob, soh,
                     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                     NS_P2: tl.constexpr, BLOCK_DV: tl.constexpr, CORRECTED: tl.constexpr,
-                    MOMENT_AWARE: tl.constexpr, HAS_SINKS: tl.constexpr):
+                    MOMENT_AWARE: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_RANGE: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
@@ -132,7 +132,12 @@ def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_
             mu_v = tl.load(MU_V + bh * DV + c)
             com = tl.load(COM + bh * DV * D + c[:, None] * D + d[None, :])
             cq = tl.dot(q, tl.trans(com), input_precision="ieee")
-            out += w_virtual[:, None] * (mu_v[None, :] + (scale / tl.maximum(count, 1.0)) * cq)
+            virtual_value = mu_v[None, :] + (scale / tl.maximum(count, 1.0)) * cq
+            if HAS_RANGE:  # within the evicted values' range, as in the reference
+                low = tl.load(VRANGE + bh * 2 * DV + c)
+                high = tl.load(VRANGE + bh * 2 * DV + DV + c)
+                virtual_value = tl.minimum(tl.maximum(virtual_value, low[None, :]), high[None, :])
+            out += w_virtual[:, None] * virtual_value
         out = out / total[:, None]
         tl.store(OUT + b * sob + (h * G + g)[:, None] * soh + c[None, :], out.to(OUT.dtype.element_ty),
                  mask=gmask[:, None])
@@ -173,13 +178,13 @@ def _momentum_kernel(LOGITS, FINAL_M, FINAL_L, MEAN_LOGIT, VALID, IMP, NORM, S, 
 def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: Tensor, n: Tensor, mu_k: Tensor,
                             mu_v: Tensor, comoment: Tensor, importance: Tensor, normalizer: Tensor, scale: float,
                             alpha: float, corrected: bool, moment_weight: float = 0.0,
-                            sinks: Tensor | None = None) -> Tensor:
+                            sinks: Tensor | None = None, value_range: Tensor | None = None) -> Tensor:
     """Same contract as the reference ``decode_attention``."""
     b, hq, d = query.shape
     hkv, slots, dv = keys.shape[1], keys.shape[2], values.shape[-1]
     if not tiles(d, dv):
         return decode_attention_reference(query, keys, values, valid, n, mu_k, mu_v, comoment, importance, normalizer,
-                                          scale, alpha, corrected, moment_weight, sinks)
+                                          scale, alpha, corrected, moment_weight, sinks, value_range)
     g = hq // hkv
     block_g = max(16, triton.next_power_of_2(g))
     query, keys, values = query.contiguous(), keys.contiguous(), values.contiguous()
@@ -204,10 +209,12 @@ def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: 
         HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, BLOCK=config["block"], FP32=config["fp32"])
     _combine_kernel[(b * hkv,)](
         query, n, mu_k, mu_v, comoment, part_m, part_l, part_acc, out, final_m, final_l, mean_logit,
-        sinks.contiguous() if sinks is not None else final_m, splits, scale,  # final_m: never read without sinks
+        sinks.contiguous() if sinks is not None else final_m,  # final_m: never read without sinks
+        value_range.contiguous() if value_range is not None else final_m, splits, scale,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, NS_P2=config["ns_p2"], BLOCK_DV=min(config["block_dv"], dv),
-        CORRECTED=corrected, MOMENT_AWARE=moment_aware, HAS_SINKS=sinks is not None)
+        CORRECTED=corrected, MOMENT_AWARE=moment_aware, HAS_SINKS=sinks is not None,
+        HAS_RANGE=value_range is not None)
     imp = importance if importance.is_contiguous() else importance.contiguous()
     norm = normalizer if normalizer.is_contiguous() else normalizer.contiguous()
     _momentum_kernel[(b * hkv, triton.cdiv(slots, MOMENTUM_BLOCK))](

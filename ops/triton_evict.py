@@ -57,11 +57,11 @@ def _running_min(values, s0, best, index):
 
 
 @triton.jit
-def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FREE, DECODE_LEN, SEEN,
+def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, VRANGE, FREE, DECODE_LEN, SEEN,
                   S, budget, recent, seed,
                   H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr,
                   POLICY: tl.constexpr, BIAS: tl.constexpr, SHARED: tl.constexpr, FOLD: tl.constexpr,
-                  WINDOW_SHARE: tl.constexpr):
+                  WINDOW_SHARE: tl.constexpr, HAS_RANGE: tl.constexpr):
     pid = tl.program_id(0)
     if SHARED:
         b = pid
@@ -131,17 +131,22 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, FR
                     tl.store(MU_V + lane * DV + c, mu_v + (v - mu_v) / count)
                     com = COM + lane * DV * D + c[:, None] * D + d[None, :]
                     tl.store(com, tl.load(com) + (v - mu_v)[:, None] * (k - mu_k_new)[None, :])
+                    if HAS_RANGE:
+                        low = VRANGE + lane * 2 * DV + c
+                        tl.store(low, tl.minimum(tl.load(low), v))
+                        tl.store(low + DV, tl.maximum(tl.load(low + DV), v))
 
 
 def evict_triton(keys: Tensor, values: Tensor, valid: Tensor, evictable: Tensor, importance: Tensor,
                  normalizer: Tensor, positions: Tensor, n: Tensor, mu_k: Tensor, mu_v: Tensor, comoment: Tensor,
                  free_slot: Tensor, decode_len: Tensor, seen: Tensor, budget: int, policy: int,
                  bias_correction: bool, recent_window: int, window_share: int, shared: bool, seed: int,
-                 fold: bool) -> None:
+                 fold: bool, value_range: Tensor | None = None) -> None:
     """Same contract as the reference ``evict``; every tensor must be contiguous (the cache's are)."""
     if policy not in (MOMENTUM, WINDOW, RANDOM):
         raise ValueError(f"policy id must be 0 (momentum), 1 (window) or 2 (random), got {policy}")
-    tensors = (keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, comoment, free_slot)
+    tensors = (keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, comoment, free_slot,
+               *([value_range] if value_range is not None else []))
     if not all(t.is_contiguous() for t in tensors):
         raise ValueError("evict_triton needs contiguous tensors (the cache allocates them so)")
     b, h, slots, d = keys.shape
@@ -149,10 +154,11 @@ def evict_triton(keys: Tensor, values: Tensor, valid: Tensor, evictable: Tensor,
     if not tiles(d, dv):
         return evict_reference(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v,
                                comoment, free_slot, decode_len, seen, budget, policy, bias_correction, recent_window,
-                               window_share, shared, seed, fold)
+                               window_share, shared, seed, fold, value_range)
     grid = (b if shared else b * h,)
     _evict_kernel[grid](
         keys, values, valid.view(torch.uint8), evictable.view(torch.uint8), importance, normalizer, positions,
-        n, mu_k, mu_v, comoment, free_slot, decode_len, seen, slots, budget, recent_window, seed,
+        n, mu_k, mu_v, comoment, value_range if value_range is not None else n, free_slot, decode_len, seen, slots,
+        budget, recent_window, seed,  # n stands in for an absent range: never read then
         H=h, D=d, DV=dv, BLOCK=BLOCK_S, BLOCK_DV=min(dv, 32), POLICY=policy, BIAS=bias_correction, SHARED=shared,
-        FOLD=fold, WINDOW_SHARE=window_share)
+        FOLD=fold, WINDOW_SHARE=window_share, HAS_RANGE=value_range is not None)

@@ -37,10 +37,11 @@ def decode_step(layer: BudgetedLayer, query: Tensor, scale: float, sinks: Tensor
     moments = (layer.n, layer.mu_k, layer.mu_v, layer.comoment)
     out = call("decode_attention", query[:, :, 0], layer.keys, layer.values, layer.valid, *moments,
                layer.importance, layer.normalizer, scale, cfg.alpha, cfg.corrected,
-               cfg.moment_weight, sinks)
+               cfg.moment_weight, sinks, layer.value_range)
     call("evict", layer.keys, layer.values, layer.valid, layer.evictable, layer.importance, layer.normalizer,
          layer.positions, *moments, layer.free_slot, layer.decode_len, layer.seen, cfg.budget, cfg.policy_id,
-         cfg.bias_correction, cfg.recent_window, cfg.window_share, cfg.scope == "layer", cfg.seed, cfg.corrected)
+         cfg.bias_correction, cfg.recent_window, cfg.window_share, cfg.scope == "layer", cfg.seed, cfg.corrected,
+         layer.value_range)
     return out.unsqueeze(1)
 
 

@@ -16,7 +16,7 @@ from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, CacheLaye
 from transformers.utils import is_torchdynamo_compiling
 
 from momentkv.config import MomentKVConfig, window_cap
-from momentkv.ops import eviction_score, merge_set, prefill_scores
+from momentkv.ops import eviction_score, merge_range, merge_set, prefill_scores
 
 from .support import BOUNDED, BUDGETED, layer_types
 
@@ -73,6 +73,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.mu_k = torch.zeros(b, h, dk, **f32)
         self.mu_v = torch.zeros(b, h, dv, **f32)
         self.comoment = torch.zeros(b, h, dv, dk, **f32)
+        self.value_range = torch.zeros(b, h, 2, dv, **f32)  # low, high of the evicted values (and 0)
         self.free_slot = torch.zeros(b, h, dtype=torch.int64, device=self.device)
         self.decode_len = torch.zeros((), dtype=torch.int64, device=self.device)
         self.seen = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -86,7 +87,7 @@ class BudgetedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return []
         names = ("keys", "values", "valid", "evictable", "importance", "normalizer", "positions",
-                 "n", "mu_k", "mu_v", "comoment", "free_slot", "decode_len", "seen")
+                 "n", "mu_k", "mu_v", "comoment", "value_range", "free_slot", "decode_len", "seen")
         return [getattr(self, name) for name in names]
 
     def nbytes(self) -> int:
@@ -198,6 +199,7 @@ class BudgetedLayer(CacheLayerMixin):
             kept = torch.zeros_like(valid).scatter_(-1, keep, True)
             if cfg.corrected:
                 merge_set(self.n, self.mu_k, self.mu_v, self.comoment, keys, values, valid & ~kept)
+                merge_range(self.value_range, values, valid & ~kept)
             keys = keys.gather(2, keep[..., None].expand(-1, -1, -1, keys.shape[-1]))
             values = values.gather(2, keep[..., None].expand(-1, -1, -1, values.shape[-1]))
             valid, sink, positions = valid.gather(-1, keep), sink.gather(-1, keep), keep

@@ -98,8 +98,12 @@ def test_evict_kernel_matches_reference(policy, shared, decode_len, d, recent, w
     state = evict_state(b=3, h=2, s=150, d=d, budget=8, decode_len=decode_len)
     expected = {k: v.clone() for k, v in state.items()}
     args = (8, policy, True, recent, window_share, shared, 5, True)
-    evict_triton(*state.values(), *args)
-    REFERENCES["evict"](*expected.values(), *args)
+    value_range = torch.zeros(3, 2, 2, d, device=DEVICE)
+    expected_range = value_range.clone()
+    evict_triton(*state.values(), *args, value_range=value_range)
+    REFERENCES["evict"](*expected.values(), *args, value_range=expected_range)
+    assert torch.equal(value_range, expected_range)
+    assert (value_range.abs().sum() > 0) == (decode_len > 8)
     for name in ("valid", "free_slot", "n"):
         assert torch.equal(state[name], expected[name]), name
     for name in ("mu_k", "mu_v", "comoment"):
@@ -163,3 +167,26 @@ def test_sinks_take_their_share_of_the_softmax():
     logits = torch.cat([torch.einsum("bhd,bhsd->bhs", query, k) * 0.25, sinks.view(1, hq, 1)], -1)
     expected = torch.einsum("bhs,bhsd->bhd", logits.softmax(-1)[..., :s], v)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("key_scale", [100.0, 1000.0])
+def test_decode_attention_kernel_keeps_the_correction_in_range(dtype, key_scale):
+    """Keys scaled up make the first-order term huge: both kernels keep the virtual value within the
+    evicted values' range, so the half-precision output stays finite, and they agree."""
+    gen = torch.Generator().manual_seed(5)
+    b, hq, hkv, s, d = 2, 4, 2, 24, 16
+    keys = torch.randn(b, hkv, s, d, generator=gen) * key_scale
+    state = dict(query=torch.randn(b, hq, d, generator=gen) * key_scale, keys=keys,
+                 values=torch.randn(b, hkv, s, d, generator=gen), valid=torch.ones(b, hkv, s, dtype=torch.bool),
+                 n=torch.full((b, hkv), 5.0), mu_k=torch.randn(b, hkv, d, generator=gen) * key_scale,
+                 mu_v=torch.randn(b, hkv, d, generator=gen) * 0.1,
+                 comoment=torch.randn(b, hkv, d, d, generator=gen) * key_scale,
+                 importance=torch.zeros(b, hkv, s), normalizer=torch.zeros(b, hkv, s))
+    state = {k: (v.to(dtype) if k in ("query", "keys", "values") else v).to(DEVICE) for k, v in state.items()}
+    value_range = torch.tensor([-2.0, 2.0]).view(1, 1, 2, 1).expand(b, hkv, 2, d).contiguous().to(DEVICE)
+    expected_state = {k: v.clone() for k, v in state.items()}
+    out = decode_attention_triton(*state.values(), d ** -0.5, 0.9, True, 0.0, None, value_range)
+    expected = REFERENCES["decode_attention"](*expected_state.values(), d ** -0.5, 0.9, True, 0.0, None, value_range)
+    assert torch.isfinite(out).all() and torch.isfinite(expected).all()
+    torch.testing.assert_close(out.float(), expected.float(), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])

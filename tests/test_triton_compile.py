@@ -50,7 +50,7 @@ def check_decode_attention(dtype, head_dim):
     assert worst["splits"] == attention.MAX_SPLITS
     g = dict(HKV=1, G=8, BLOCK_G=16, D=head_dim, DV=head_dim)
     f32 = {name: "*fp32" for name in ("LOGITS", "PART_M", "PART_L", "PART_ACC", "N", "MU_K", "MU_V", "COM",
-                                      "FINAL_M", "FINAL_L", "MEAN_LOGIT", "IMP", "NORM", "SINKS")}
+                                      "FINAL_M", "FINAL_L", "MEAN_LOGIT", "IMP", "NORM", "SINKS", "VRANGE")}
     types = {**f32, "Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "OUT": f"*{t}", "VALID": "*u8", "scale": "fp32",
              "alpha": "fp32", "moment_weight": "fp32"}
     compile_for_hopper(attention._split_kernel, types, {**g, "BLOCK": worst["block"], "FP32": worst["fp32"]})
@@ -58,7 +58,8 @@ def check_decode_attention(dtype, head_dim):
         compile_for_hopper(attention._combine_kernel, types, {**g, "NS_P2": worst["ns_p2"],
                                                               "BLOCK_DV": worst["block_dv"], "CORRECTED": True,
                                                               "MOMENT_AWARE": moment_aware,
-                                                              "HAS_SINKS": moment_aware})  # each variant once
+                                                              "HAS_SINKS": moment_aware,  # each variant once
+                                                              "HAS_RANGE": moment_aware})
         compile_for_hopper(attention._momentum_kernel, types, dict(HKV=1, G=8, BLOCK_G=16,
                                                                    BLOCK=attention.MOMENTUM_BLOCK,
                                                                    MOMENT_AWARE=moment_aware))
@@ -67,12 +68,12 @@ def check_decode_attention(dtype, head_dim):
 def check_evict(policy, shared, window_share):
     from momentkv.ops import triton_evict as evict
 
-    f32 = {name: "*fp32" for name in ("IMP", "NORM", "N", "MU_K", "MU_V", "COM")}
+    f32 = {name: "*fp32" for name in ("IMP", "NORM", "N", "MU_K", "MU_V", "COM", "VRANGE")}
     types = {**f32, "K": "*bf16", "V": "*bf16", "VALID": "*u8", "EVICTABLE": "*u8", "POS": "*i64", "FREE": "*i64",
              "DECODE_LEN": "*i64", "SEEN": "*i64"}
     compile_for_hopper(evict._evict_kernel, types, dict(H=8, D=256, DV=256, BLOCK=evict.BLOCK_S, BLOCK_DV=32,
                                                         POLICY=policy, BIAS=True, SHARED=shared, FOLD=True,
-                                                        WINDOW_SHARE=window_share))
+                                                        WINDOW_SHARE=window_share, HAS_RANGE=shared))
 
 
 def check_prefill_scores():
