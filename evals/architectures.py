@@ -45,8 +45,6 @@ SIZES = dict(
     mamba_d_state=8, ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=32, n_groups=1, mamba_dt_rank=8,
     linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
 )
-# Derived fields that a config stores, reset so that the class derives them from the sizes above.
-DERIVED = ("qk_head_dim",)
 
 
 @dataclass
@@ -64,23 +62,39 @@ def causal_lm_architectures() -> list[tuple[str, str]]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items())
 
 
-def _layer_indices(defaults: dict, layers: int) -> list[int]:
-    """Which layers of the full-size config the tiny one keeps: the first of each distinct kind."""
-    keep = {0, 1}
-    for value in defaults.values():
-        if isinstance(value, (list, str)) and len(value) == layers and not _is_index_list(value, layers):
-            seen: set = set()
-            for index, kind in enumerate(value):
-                if repr(kind) not in seen:
-                    seen.add(repr(kind))
-                    keep.add(index)
-    return sorted(keep)[:MAX_LAYERS] if layers > 2 else list(range(layers))
-
-
 def _is_index_list(value: Any, layers: int) -> bool:
     """Whether ``value`` lists layer indices (``moe_layers=[0, 2]``) rather than one value per layer."""
     return (isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
             and all(a < b for a, b in zip(value, value[1:])) and all(0 <= i < layers for i in value))
+
+
+def _per_layer(value: Any, layers: int) -> bool:
+    """Whether ``value`` holds one entry per layer (``layer_types``, ``no_rope_layers``, a block pattern)."""
+    return isinstance(value, (list, str)) and len(value) == layers and not _is_index_list(value, layers)
+
+
+def _shrink_layers(defaults: dict, layers_key: str) -> dict:
+    """Fewer layers: the first of each distinct kind the full-size config mixes (at most ``MAX_LAYERS``), with
+    every per-layer list cut to them and every list of layer indices renumbered."""
+    layers = defaults.get(layers_key)
+    if not isinstance(layers, int):
+        return {}
+    if layers <= 2:
+        return {layers_key: layers}  # already small: its per-layer lists stay as they are
+    keep = {0, 1}
+    for value in defaults.values():
+        if _per_layer(value, layers):
+            firsts = {repr(kind): index for index, kind in reversed(list(enumerate(value)))}
+            keep.update(firsts.values())
+    keep = sorted(keep)[:MAX_LAYERS]
+    shrunk: dict[str, Any] = {layers_key: len(keep)}
+    for name, value in defaults.items():
+        if _per_layer(value, layers):
+            picked = [value[i] for i in keep]
+            shrunk[name] = "".join(picked) if isinstance(value, str) else picked
+        elif _is_index_list(value, layers):
+            shrunk[name] = [new for new, old in enumerate(keep) if old in value]
+    return shrunk
 
 
 def _shrink(defaults: dict, config_class: type) -> dict:
@@ -91,26 +105,15 @@ def _shrink(defaults: dict, config_class: type) -> dict:
         real = attribute_map.get(name, name)
         if real in defaults:
             kwargs[real] = value
-    for name in DERIVED:
-        if name in defaults and "qk_rope_head_dim" in defaults:
-            kwargs[name] = SIZES["qk_rope_head_dim"] + SIZES["qk_nope_head_dim"]
+    if "qk_rope_head_dim" in defaults:  # latent attention: the stored sum is rederived, RoPE runs on its part
+        if "qk_head_dim" in defaults:
+            kwargs["qk_head_dim"] = SIZES["qk_rope_head_dim"] + SIZES["qk_nope_head_dim"]
+        if "head_dim" in defaults:
+            kwargs["head_dim"] = SIZES["qk_rope_head_dim"]
     heads, kv_heads = (attribute_map.get(n, n) for n in ("num_attention_heads", "num_key_value_heads"))
     if kv_heads in defaults and defaults[kv_heads] == defaults.get(heads) or "kv_lora_rank" in defaults:
         kwargs[kv_heads] = SIZES["num_attention_heads"]  # multi-head (or latent) attention stays so: no GQA
-    if "qk_rope_head_dim" in defaults and "head_dim" in defaults:
-        kwargs["head_dim"] = SIZES["qk_rope_head_dim"]  # latent attention: RoPE runs on the rope part only
-    layers_key = attribute_map.get("num_hidden_layers", "num_hidden_layers")
-    layers = defaults.get(layers_key)
-    if isinstance(layers, int):
-        keep = _layer_indices(defaults, layers)
-        kwargs[layers_key] = len(keep)
-        for name, value in defaults.items():
-            if isinstance(value, (list, str)) and name != "architectures":
-                if isinstance(value, list) and len(value) != layers and _is_index_list(value, layers):
-                    kwargs[name] = [new for new, old in enumerate(keep) if old in value]
-                elif len(value) == layers:
-                    picked = [value[i] for i in keep]
-                    kwargs[name] = "".join(picked) if isinstance(value, str) else picked
+    kwargs.update(_shrink_layers(defaults, attribute_map.get("num_hidden_layers", "num_hidden_layers")))
     for name, value in defaults.items():
         if name.endswith("_period") and isinstance(value, int):
             kwargs[name] = 2
@@ -130,13 +133,7 @@ def _shrink(defaults: dict, config_class: type) -> dict:
 def _shrink_nested(defaults: dict) -> dict:
     """A nested sub-config (text, vision, audio) as a plain dict: the same sizes, no class at hand."""
     shrunk = {name: value for name, value in SIZES.items() if name in defaults}
-    layers = defaults.get("num_hidden_layers")
-    if isinstance(layers, int):
-        keep = _layer_indices(defaults, layers)
-        shrunk["num_hidden_layers"] = len(keep)
-        for name, value in defaults.items():
-            if isinstance(value, (list, str)) and len(value) == layers and not _is_index_list(value, layers):
-                shrunk[name] = [value[i] for i in keep] if isinstance(value, list) else "".join(value[i] for i in keep)
+    shrunk.update(_shrink_layers(defaults, "num_hidden_layers"))
     if "vocab_size" in defaults:
         shrunk.update(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
     return shrunk

@@ -65,6 +65,7 @@ def _inputs(batch: int, keys: int, dtype: torch.dtype, device: torch.device, hq=
             comoment=torch.randn(batch, hkv, d, d, device=device),
             importance=torch.rand(batch, hkv, keys, device=device),
             normalizer=torch.rand(batch, hkv, keys, device=device) + 1,
+            value_range=torch.tensor([-3.0, 3.0], device=device).view(1, 1, 2, 1).repeat(batch, hkv, 1, d),
         )
 
     first = make()
@@ -83,11 +84,16 @@ def _rotating(sets: list[dict], fn):
     return run
 
 
+def _attention(attend, state: dict, corrected: bool = True):
+    """One decode-attention call on a state of ``_inputs``, the value range passed last as the cache passes it."""
+    *tensors, value_range = state.values()
+    return attend(*tensors, 0.088, 0.9, corrected, 0.0, None, value_range)
+
+
 def _check(state: dict, attend) -> float:
     """Relative error of the kernel against the fp32 reference on these inputs (poisoned output first)."""
-    ref_state = {k: v.clone() for k, v in state.items()}
-    out = attend(*{k: v.clone() for k, v in state.items()}.values(), 0.088, 0.9, True)
-    ref = REFERENCES["decode_attention"](*ref_state.values(), 0.088, 0.9, True)
+    out = _attention(attend, {k: v.clone() for k, v in state.items()})
+    ref = _attention(REFERENCES["decode_attention"], {k: v.clone() for k, v in state.items()})
     if not torch.isfinite(out).all():
         return float("nan")
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -103,6 +109,7 @@ def _evict_state(state: dict, keys: int) -> dict:
         n=state["n"].clone(), mu_k=state["mu_k"].clone(), mu_v=state["mu_v"].clone(),
         comoment=state["comoment"].clone(), free_slot=torch.zeros(batch, hkv, dtype=torch.int64, device=device),
         decode_len=torch.tensor(keys, device=device), seen=torch.tensor(keys + 1, device=device),
+        value_range=state["value_range"].clone(),
     )
 
 
@@ -121,8 +128,8 @@ def run_kernel_bench(keys_list: list[int], batches: list[int], device: str = "cu
             sets, kv_bytes = _inputs(batch, keys, dtype, dev)
             error = _check(sets[0], attend)
             row = dict(batch=batch, keys=keys, kv_bytes=kv_bytes, rel_error=error)
-            row["momentkv_us"] = timer(_rotating(sets, lambda s: attend(*s.values(), 0.088, 0.9, True)))
-            row["momentkv_uncorrected_us"] = timer(_rotating(sets, lambda s: attend(*s.values(), 0.088, 0.9, False)))
+            row["momentkv_us"] = timer(_rotating(sets, lambda s: _attention(attend, s)))
+            row["momentkv_uncorrected_us"] = timer(_rotating(sets, lambda s: _attention(attend, s, corrected=False)))
             backends = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"} if dev.type == "cuda" \
                 else {"math": "MATH"}
             for label, backend in backends.items():
@@ -136,8 +143,8 @@ def run_kernel_bench(keys_list: list[int], batches: list[int], device: str = "cu
                     row[f"sdpa_{label}_us"] = None
                     row[f"sdpa_{label}_error"] = str(error).splitlines()[0][:200]
             evict_sets = [_evict_state(s, keys) for s in sets]
-            row["evict_us"] = timer(_rotating(evict_sets, lambda s: evict(*s.values(), keys - 1, 0, True, 8, 0, False, 0,
-                                                                          True)))
+            row["evict_us"] = timer(_rotating(evict_sets, lambda s: evict(
+                *list(s.values())[:-1], keys - 1, 0, True, 8, 0, False, 0, True, s["value_range"])))
             row["momentkv_tbps"] = kv_bytes / (row["momentkv_us"] * 1e-6) / 1e12
             if datasheet:
                 row["momentkv_fraction_of_datasheet"] = row["momentkv_tbps"] / datasheet

@@ -52,25 +52,24 @@ def profile_step(model, prompt_len: int, new_tokens: int, budget: int, batch: in
         cfg = layer.config
         heads = model.config.num_attention_heads
         query = torch.randn(batch, heads, layer.keys.shape[-1], dtype=layer.dtype, device=device)
-        state = {name: t.clone() for name, t in zip(
-            ("keys", "values", "valid", "evictable", "importance", "normalizer", "positions", "n", "mu_k", "mu_v",
-             "comoment", "free_slot", "decode_len", "seen"), layer.buffers())}
+        state = {name: getattr(layer, name).clone() for name in layer.BUFFERS}
         moments = (state["n"], state["mu_k"], state["mu_v"], state["comoment"])
         attend, evict = kernel("decode_attention", device), kernel("evict", device)
         scale = layer.keys.shape[-1] ** -0.5
         attention_us = _time_us(lambda: attend(query, state["keys"], state["values"], state["valid"], *moments,
                                                state["importance"], state["normalizer"], scale, cfg.alpha,
-                                               cfg.corrected), device)
+                                               cfg.corrected, cfg.moment_weight, None, state["value_range"]), device)
         evict_us = _time_us(lambda: evict(state["keys"], state["values"], state["valid"].clone(), state["evictable"],
                                           state["importance"], state["normalizer"], state["positions"], *moments,
                                           state["free_slot"], state["decode_len"], state["seen"], cfg.budget,
                                           cfg.policy_id, cfg.bias_correction, cfg.recent_window, cfg.window_share,
-                                          cfg.scope == "layer", cfg.seed, cfg.corrected), device)
+                                          cfg.scope == "layer", cfg.seed, cfg.corrected, state["value_range"]), device)
         clone_us = _time_us(lambda: state["valid"].clone(), device)
         # The same attention through torch's dispatcher (what a compiled graph calls), for its overhead.
         dispatched_us = _time_us(lambda: torch.ops.momentkv.decode_attention.default(
             query, state["keys"], state["values"], state["valid"], *moments, state["importance"],
-            state["normalizer"], scale, cfg.alpha, cfg.corrected), device)
+            state["normalizer"], scale, cfg.alpha, cfg.corrected, cfg.moment_weight, None, state["value_range"]),
+            device)
         k_new = torch.randn(batch, layer.num_heads, 1, layer.keys.shape[-1], dtype=layer.dtype, device=device)
         update_us = _time_us(lambda: layer.update(k_new, k_new), device)
     step_ms = timer.summary(batch)["step_ms_median"]

@@ -44,6 +44,8 @@ class BudgetedLayer(CacheLayerMixin):
 
     is_compileable = True
     is_sliding = False
+    BUFFERS = ("keys", "values", "valid", "evictable", "importance", "normalizer", "positions",
+               "n", "mu_k", "mu_v", "comoment", "value_range", "free_slot", "decode_len", "seen")
 
     def __init__(self, config: MomentKVConfig, prompt_slots: int):
         super().__init__()
@@ -86,9 +88,7 @@ class BudgetedLayer(CacheLayerMixin):
         """Every tensor this layer owns (all of fixed size and address)."""
         if not self.is_initialized:
             return []
-        names = ("keys", "values", "valid", "evictable", "importance", "normalizer", "positions",
-                 "n", "mu_k", "mu_v", "comoment", "value_range", "free_slot", "decode_len", "seen")
-        return [getattr(self, name) for name in names]
+        return [getattr(self, name) for name in self.BUFFERS]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
