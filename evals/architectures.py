@@ -172,7 +172,7 @@ def generate(model, ids: torch.Tensor, mask: torch.Tensor, **kwargs):
 
 def _decoded_through_momentkv(model) -> bool:
     cache = momentkv.state_of(model).cache
-    return cache is not None and any(layer.decode_len.item() > 0 for layer in cache.budgeted_layers)
+    return cache is not None and any(layer.state.decode_len.item() > 0 for layer in cache.budgeted_layers)
 
 
 def check(model_type: str, class_name: str, folder: Path) -> Outcome:

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from momentkv.ops.kernels import REFERENCES, kernel
+from momentkv.ops import MOMENTUM
+from momentkv.ops.kernels import Route
+from momentkv.ops.layer import LayerState, attend, evict
 
 DATASHEET_TBPS = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H200": 4.8, "H100 NVL": 3.9}
 L2_ROTATION_BYTES = 256 * 2**20  # rotate input sets until this much is in play, so timings do not measure L2
@@ -54,71 +56,64 @@ def _copy_tbps(device: torch.device, timer) -> float | None:
 
 
 def _inputs(batch: int, keys: int, dtype: torch.dtype, device: torch.device, hq=32, hkv=8, d=128):
-    def make():
-        valid = torch.ones(batch, hkv, keys, dtype=torch.bool, device=device)
-        return dict(
-            query=torch.randn(batch, hq, d, dtype=dtype, device=device),
-            keys=torch.randn(batch, hkv, keys, d, dtype=dtype, device=device),
-            values=torch.randn(batch, hkv, keys, d, dtype=dtype, device=device),
-            valid=valid, n=torch.full((batch, hkv), 100.0, device=device),
-            mu_k=0.1 * torch.randn(batch, hkv, d, device=device), mu_v=torch.randn(batch, hkv, d, device=device),
-            comoment=torch.randn(batch, hkv, d, d, device=device),
-            importance=torch.rand(batch, hkv, keys, device=device),
-            normalizer=torch.rand(batch, hkv, keys, device=device) + 1,
-            value_range=torch.tensor([-3.0, 3.0], device=device).view(1, 1, 2, 1).repeat(batch, hkv, 1, d),
-        )
+    """Rotating input sets: (query, a full layer over ``keys`` slots with an evicted set), and K+V bytes."""
+
+    def make() -> tuple[torch.Tensor, LayerState]:
+        state = LayerState.allocate(batch, hkv, keys, d, d, dtype, dtype, device)
+        state.keys.normal_()
+        state.values.normal_()
+        state.valid.fill_(True)
+        state.evictable.fill_(True)
+        state.importance.uniform_()
+        state.normalizer.uniform_().add_(1)
+        state.positions.copy_(torch.arange(keys, device=device))
+        state.n.fill_(100.0)
+        state.mu_k.normal_().mul_(0.1)
+        state.mu_v.normal_()
+        state.comoment.normal_()
+        state.value_range.copy_(torch.tensor([-3.0, 3.0], device=device).view(1, 1, 2, 1))
+        state.decode_len.fill_(keys)  # over a budget of keys - 1: every eviction call evicts
+        state.seen.fill_(keys + 1)
+        return torch.randn(batch, hq, d, dtype=dtype, device=device), state
 
     first = make()
-    kv_bytes = 2 * first["keys"].numel() * first["keys"].element_size()
+    kv_bytes = 2 * first[1].keys.numel() * first[1].keys.element_size()
     copies = 1 if device.type != "cuda" else max(1, min(8, L2_ROTATION_BYTES // max(kv_bytes, 1)))
     return [first] + [make() for _ in range(copies - 1)], kv_bytes
 
 
-def _rotating(sets: list[dict], fn):
+def _rotating(sets: list, fn):
     state = {"i": 0}
 
     def run():
-        fn(sets[state["i"] % len(sets)])
+        fn(*sets[state["i"] % len(sets)])
         state["i"] += 1
 
     return run
 
 
-def _attention(attend, state: dict, corrected: bool = True):
-    """One decode-attention call on a state of ``_inputs``, the value range passed last as the cache passes it."""
-    *tensors, value_range = state.values()
-    return attend(*tensors, 0.088, 0.9, corrected, 0.0, None, value_range)
+def _attention(query: torch.Tensor, state: LayerState, corrected: bool = True, route: Route = "kernel"):
+    return attend(state, query, scale=0.088, alpha=0.9, corrected=corrected, route=route)
 
 
-def _check(state: dict, attend) -> float:
+def _evict(query: torch.Tensor, state: LayerState) -> None:
+    evict(state, budget=state.keys.shape[2] - 1, policy=MOMENTUM, bias_correction=True, recent_window=8,
+          cap_window=False, shared=False, seed=0, fold=True)
+
+
+def _check(query: torch.Tensor, state: LayerState) -> float:
     """Relative error of the kernel against the fp32 reference on these inputs (poisoned output first)."""
-    out = _attention(attend, {k: v.clone() for k, v in state.items()})
-    ref = _attention(REFERENCES["decode_attention"], {k: v.clone() for k, v in state.items()})
+    out = _attention(query, state.clone())
+    ref = _attention(query, state.clone(), route="reference")
     if not torch.isfinite(out).all():
         return float("nan")
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def _evict_state(state: dict, keys: int) -> dict:
-    batch, hkv = state["valid"].shape[:2]
-    device = state["valid"].device
-    return dict(
-        keys=state["keys"], values=state["values"], valid=state["valid"].clone(),
-        evictable=torch.ones_like(state["valid"]), importance=state["importance"], normalizer=state["normalizer"],
-        positions=torch.arange(keys, device=device).expand(batch, hkv, keys).contiguous(),
-        n=state["n"].clone(), mu_k=state["mu_k"].clone(), mu_v=state["mu_v"].clone(),
-        comoment=state["comoment"].clone(), free_slot=torch.zeros(batch, hkv, dtype=torch.int64, device=device),
-        decode_len=torch.tensor(keys, device=device), seen=torch.tensor(keys + 1, device=device),
-        value_range=state["value_range"].clone(),
-    )
 
 
 def run_kernel_bench(keys_list: list[int], batches: list[int], device: str = "cuda",
                      dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     dev = torch.device(device)
     timer = _timer(dev)
-    attend = kernel("decode_attention", dev)
-    evict = kernel("evict", dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     datasheet = next((v for k, v in DATASHEET_TBPS.items() if k in name), None)
     copy_tbps = _copy_tbps(dev, timer)
@@ -126,25 +121,24 @@ def run_kernel_bench(keys_list: list[int], batches: list[int], device: str = "cu
     for batch in batches:
         for keys in keys_list:
             sets, kv_bytes = _inputs(batch, keys, dtype, dev)
-            error = _check(sets[0], attend)
+            error = _check(*sets[0])
             row = dict(batch=batch, keys=keys, kv_bytes=kv_bytes, rel_error=error)
-            row["momentkv_us"] = timer(_rotating(sets, lambda s: _attention(attend, s)))
-            row["momentkv_uncorrected_us"] = timer(_rotating(sets, lambda s: _attention(attend, s, corrected=False)))
+            row["momentkv_us"] = timer(_rotating(sets, _attention))
+            row["momentkv_uncorrected_us"] = timer(_rotating(sets, lambda q, s: _attention(q, s, corrected=False)))
             backends = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"} if dev.type == "cuda" \
                 else {"math": "MATH"}
             for label, backend in backends.items():
-                def sdpa(s, backend=backend):
+                def sdpa(query, s, backend=backend):
                     with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, backend)):
-                        F.scaled_dot_product_attention(s["query"][:, :, None], s["keys"], s["values"], scale=0.088,
+                        F.scaled_dot_product_attention(query[:, :, None], s.keys, s.values, scale=0.088,
                                                        enable_gqa=True)
                 try:
                     row[f"sdpa_{label}_us"] = timer(_rotating(sets, sdpa))
                 except RuntimeError as error:  # a backend that refuses these shapes
                     row[f"sdpa_{label}_us"] = None
                     row[f"sdpa_{label}_error"] = str(error).splitlines()[0][:200]
-            evict_sets = [_evict_state(s, keys) for s in sets]
-            row["evict_us"] = timer(_rotating(evict_sets, lambda s: evict(
-                *list(s.values())[:-1], keys - 1, 0, True, 8, 0, False, 0, True, s["value_range"])))
+            evict_sets = [(query, state.clone()) for query, state in sets]
+            row["evict_us"] = timer(_rotating(evict_sets, _evict))
             row["momentkv_tbps"] = kv_bytes / (row["momentkv_us"] * 1e-6) / 1e12
             if datasheet:
                 row["momentkv_fraction_of_datasheet"] = row["momentkv_tbps"] / datasheet

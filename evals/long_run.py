@@ -32,11 +32,11 @@ class Watch(LogitsProcessor):
         self.step += 1
         if self.step % self.every == 0:
             layers = momentkv.state_of(self.model).active.budgeted_layers
-            stats = [t for layer in layers for t in (layer.n, layer.mu_k, layer.mu_v, layer.comoment,
-                                                      layer.importance, layer.normalizer)]
+            stats = [t for layer in layers for t in (layer.state.n, layer.state.mu_k, layer.state.mu_v, layer.state.comoment,
+                                                      layer.state.importance, layer.state.normalizer)]
             point = dict(step=self.step, rss_bytes=rss_bytes(), scores_finite=bool(self.finite),
                          moments_finite=all(bool(torch.isfinite(t).all()) for t in stats),
-                         evicted_per_head=float(layers[0].n.mean()))
+                         evicted_per_head=float(layers[0].state.n.mean()))
             if scores.is_cuda:
                 point["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
             self.checkpoints.append(point)

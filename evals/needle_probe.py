@@ -69,7 +69,7 @@ def kept_fractions(model: PreTrainedModel, ids: torch.Tensor, positions: list[in
     wanted = torch.tensor(positions)
     rows = []
     for layer in layers:
-        kept = layer.positions[0].masked_fill(~layer.valid[0], -1)
+        kept = layer.state.positions[0].masked_fill(~layer.state.valid[0], -1)
         rows.append([torch.isin(wanted, head).float().mean().item() for head in kept])
     return rows
 

@@ -17,7 +17,7 @@ import torch
 from transformers import StoppingCriteriaList
 
 import momentkv
-from momentkv.ops.kernels import kernel
+from momentkv.ops.layer import attend, evict
 
 from .step_timer import StepTimer
 
@@ -52,28 +52,27 @@ def profile_step(model, prompt_len: int, new_tokens: int, budget: int, batch: in
         cfg = layer.config
         heads = model.config.num_attention_heads
         query = torch.randn(batch, heads, layer.keys.shape[-1], dtype=layer.dtype, device=device)
-        state = {name: getattr(layer, name).clone() for name in layer.BUFFERS}
-        moments = (state["n"], state["mu_k"], state["mu_v"], state["comoment"])
-        attend, evict = kernel("decode_attention", device), kernel("evict", device)
+        state = layer.state.clone()
         scale = layer.keys.shape[-1] ** -0.5
-        attention_us = _time_us(lambda: attend(query, state["keys"], state["values"], state["valid"], *moments,
-                                               state["importance"], state["normalizer"], scale, cfg.alpha,
-                                               cfg.corrected, cfg.moment_weight, None, state["value_range"]), device)
-        evict_us = _time_us(lambda: evict(state["keys"], state["values"], state["valid"].clone(), state["evictable"],
-                                          state["importance"], state["normalizer"], state["positions"], *moments,
-                                          state["free_slot"], state["decode_len"], state["seen"], cfg.budget,
-                                          cfg.policy_id, cfg.bias_correction, cfg.recent_window, cfg.window_share,
-                                          cfg.scope == "layer", cfg.seed, cfg.corrected, state["value_range"]), device)
-        clone_us = _time_us(lambda: state["valid"].clone(), device)
+        attention = dict(scale=scale, alpha=cfg.alpha, corrected=cfg.corrected, moment_weight=cfg.moment_weight)
+        attention_us = _time_us(lambda: attend(state, query, **attention), device)
+        eviction = dict(budget=cfg.budget, policy=cfg.policy_id, bias_correction=cfg.bias_correction,
+                        recent_window=cfg.recent_window, cap_window=cfg.cap_window, shared=cfg.scope == "layer",
+                        seed=cfg.seed, fold=cfg.corrected)
+        valid = state.valid.clone()
+
+        def evict_once() -> None:  # on the same buffers each time: restore the slot the last call freed
+            state.valid.copy_(valid)
+            evict(state, **eviction)
+
+        evict_us = _time_us(evict_once, device)
+        restore_us = _time_us(lambda: state.valid.copy_(valid), device)
         # The same attention through torch's dispatcher (what a compiled graph calls), for its overhead.
-        dispatched_us = _time_us(lambda: torch.ops.momentkv.decode_attention.default(
-            query, state["keys"], state["values"], state["valid"], *moments, state["importance"],
-            state["normalizer"], scale, cfg.alpha, cfg.corrected, cfg.moment_weight, None, state["value_range"]),
-            device)
+        dispatched_us = _time_us(lambda: attend(state, query, **attention, route="dispatcher"), device)
         k_new = torch.randn(batch, layer.num_heads, 1, layer.keys.shape[-1], dtype=layer.dtype, device=device)
         update_us = _time_us(lambda: layer.update(k_new, k_new), device)
     step_ms = timer.summary(batch)["step_ms_median"]
-    per_layer = {"attention_and_momentum": attention_us, "eviction": evict_us - clone_us, "cache_write": update_us}
+    per_layer = {"attention_and_momentum": attention_us, "eviction": evict_us - restore_us, "cache_write": update_us}
     split = {name: us * len(layers) / 1e3 for name, us in per_layer.items()}
     split["rest_of_model"] = step_ms - sum(split.values())
     return dict(step_ms=step_ms, budgeted_layers=len(layers), per_layer_us=per_layer, split_ms=split,

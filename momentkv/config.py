@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from momentkv.ops.scores import MOMENTUM, RANDOM, WINDOW
+from momentkv.ops.selection import window_cap
 
 POLICIES = ("momentum", "window", "random")
 CORRECTIONS = ("moments", "none")
@@ -21,18 +22,6 @@ SCOPES = ("head", "layer")
 # The smallest default recent window when prompt tokens compete: below it, fidelity on the
 # held-apart prompts fell at every budget tried (results/eval/sweep.md).
 OPEN_RECENT_WINDOW = 64
-
-# Momentum chooses at least one slot in this many: with the prompt kept, of the budget (the rest
-# is the default recent window; half the budget fell behind the plain window at 512 tokens,
-# results/eval/sweep-512.md); with prompt tokens competing, of the evictable slots the cache holds
-# (the window is capped at run time, so a short prompt does not leave momentum nothing to choose).
-MOMENTUM_SHARE = 8
-
-
-def window_cap(slots: int) -> int:
-    """The most of ``slots`` evictable slots a recent window may cover, so the score chooses the rest."""
-    return slots - slots // MOMENTUM_SHARE
-
 
 # Policy ids as the ops see them (ops take ints, not strings, so the compiled graph stays simple).
 POLICY_IDS = {"momentum": MOMENTUM, "window": WINDOW, "random": RANDOM}
@@ -156,10 +145,12 @@ class MomentKVConfig:
         return POLICY_IDS[self.policy]
 
     @property
-    def window_share(self) -> int:
-        """The ``evict`` op's window cap: with prompt tokens competing, the window leaves momentum
-        at least one evictable slot in ``MOMENTUM_SHARE``; 0 (no cap) with the prompt kept."""
-        return 0 if self.protect_prompt else MOMENTUM_SHARE
+    def cap_window(self) -> bool:
+        """Whether decode eviction caps the window at ``window_cap`` of the evictable slots held: with prompt
+        tokens competing, so that a short prompt does not leave momentum nothing to choose. With the prompt
+        kept the default window is ``window_cap(budget)`` already (half the budget fell behind the plain
+        window at 512 tokens, results/eval/sweep-512.md)."""
+        return not self.protect_prompt
 
     @property
     def corrected(self) -> bool:

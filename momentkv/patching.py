@@ -131,7 +131,7 @@ def _trial_generation(model: PreTrainedModel, state: PatchState) -> None:
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
                        do_sample=False, pad_token_id=0, eos_token_id=None, disable_compile=True, compile_config=None)
-    decoded = [layer.decode_len.item() for layer in state.cache.budgeted_layers if layer.is_initialized]
+    decoded = [layer.state.decode_len.item() for layer in state.cache.budgeted_layers if layer.is_initialized]
     state.cache = None
     if not decoded or max(decoded) == 0:
         raise UnsupportedAttention("no full-attention layer decoded through the budgeted cache")

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .moments import fold_range, fold_token
 from .scores import eviction_score
+from .selection import keep_rank, window_cap
 
 
 def evict_reference(
@@ -33,7 +34,7 @@ def evict_reference(
     policy: int,
     bias_correction: bool,
     recent_window: int,
-    window_share: int,
+    cap_window: bool,
     shared: bool,
     seed: int,
     fold: bool,
@@ -43,33 +44,30 @@ def evict_reference(
     normalizer fp32 [B, H, S]; positions int64 [B, H, S]; moments as in decode_attention;
     free_slot int64 [B, H]; decode_len, seen int64 scalars (decode tokens written, tokens seen).
 
-    Evicts iff ``decode_len > budget``. Candidates are valid, evictable slots older than the
-    ``recent_window`` newest tokens. If ``window_share`` > 0 the window covers at most
-    ``m - m // window_share`` of the ``m`` evictable slots a head holds (with ``shared``, that
-    every head holds), so the score always chooses among some. If no slot is a candidate (only
-    sinks lie outside the window), the oldest evictable slot goes. ``shared`` averages scores over heads and
-    evicts one slot per sequence in every head. ``fold`` keeps the moments (off when no
-    correction is used), and ``value_range`` [B, H, 2, Dv], if given, the range of the evicted values. The plain-PyTorch kernel: runs on every device and is the reference
-    for the others."""
+    Evicts iff ``decode_len > budget``: the valid, evictable slot last in the keep order
+    (``selection.keep_rank``): the lowest-scored one older than the ``recent_window`` newest tokens, or,
+    if every evictable slot lies in the window, the oldest. With ``cap_window`` the window covers at most
+    ``window_cap(m)`` of the ``m`` evictable slots a head holds (with ``shared``, that every head holds),
+    so the score always chooses among some. ``shared`` averages scores over heads and evicts one slot
+    per sequence in every head. ``fold`` keeps the moments (off when no correction is used), and
+    ``value_range`` [B, H, 2, Dv], if given, the range of the evicted values.
+    The plain-PyTorch kernel: runs on every device and is the reference for the others."""
     over = decode_len > budget
     evictable = valid & evictable
     window = recent_window
-    if window_share:
+    if cap_window:
         held = (evictable.all(dim=1, keepdim=True) if shared else evictable).sum(-1, keepdim=True)
-        window = (held - held // window_share).clamp_max(recent_window)
-    candidates = evictable & (positions < seen - window)
+        window = window_cap(held).clamp_max(recent_window)
+    recent = positions >= seen - window
     score = eviction_score(policy, importance, normalizer, positions, seen, decode_len, bias_correction, seed)
-    age = positions.to(torch.float32)
-    if shared:
-        candidates = candidates.all(dim=1, keepdim=True).expand_as(candidates)
+    age = positions
+    if shared:  # one victim per sequence: a slot is scored by its heads' mean, and recent if recent in any
+        recent = (evictable & recent).any(dim=1, keepdim=True).expand_as(recent)
         evictable = evictable.all(dim=1, keepdim=True).expand_as(evictable)
         score = score.mean(dim=1, keepdim=True).expand_as(score)
-        age = age.mean(dim=1, keepdim=True).expand_as(age)
-    fits = candidates.any(dim=-1, keepdim=True)
-    score = torch.where(fits, score, age)
-    candidates = torch.where(fits, candidates, evictable)
-    victim = score.masked_fill(~candidates, float("inf")).argmin(dim=-1)
-    gate = over & candidates.any(dim=-1)
+        age = positions.to(torch.float32).mean(dim=1, keepdim=True).expand_as(score)
+    victim = keep_rank(score, age, recent).masked_fill(~evictable, float("inf")).argmin(dim=-1)
+    gate = over & evictable.any(dim=-1)
     slot = victim[..., None]
     valid.scatter_(-1, slot, valid.gather(-1, slot) & ~gate[..., None])
     free_slot.copy_(torch.where(gate, victim, free_slot))
@@ -88,6 +86,6 @@ evict = torch.library.custom_op(
 
 @evict.register_fake
 def _(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, comoment, free_slot,
-      decode_len, seen, budget, policy, bias_correction, recent_window, window_share, shared, seed, fold,
+      decode_len, seen, budget, policy, bias_correction, recent_window, cap_window, shared, seed, fold,
       value_range=None):
     return None

@@ -1,14 +1,15 @@
 """Which kernel each op runs on each device, so eager code can call it without the dispatcher.
 
-A custom op's Python dispatch costs ~200 us per call on CPU, more than a fused kernel; the
-decode step therefore calls :func:`kernel` directly in eager mode and the op itself (an
-opaque graph node) under ``torch.compile``. Registering here registers with torch.library too,
-so both paths always run the same code.
+Going through torch's dispatcher added ~90 us to a ~110 us fused CPU attention call
+(results/profile-step-cpu.json); :func:`call` therefore runs the kernel directly in eager mode and
+the op itself (an opaque graph node) under ``torch.compile``. Registering here registers with
+torch.library too, so both paths always run the same code. Callers use the typed wrappers of
+:mod:`momentkv.ops.layer`, not :func:`call`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -31,13 +32,14 @@ def register(name: str, device_type: str, fn: Callable) -> None:
     _KERNELS[(name, device_type)] = fn
 
 
-def kernel(name: str, device: torch.device) -> Callable:
-    """The kernel op ``name`` dispatches to on ``device`` (the reference where none is registered)."""
-    return _KERNELS.get((name, device.type), REFERENCES[name])
+Route = Literal["kernel", "reference", "dispatcher"]
 
 
-def call(name: str, *args):
-    """Run op ``name``: as a graph node while compiling, directly on its kernel otherwise."""
-    if torch.compiler.is_compiling():
+def call(name: str, *args, route: Route = "kernel"):
+    """Run op ``name``: as a graph node while compiling; otherwise directly on its device's kernel, on the
+    plain-PyTorch reference (``route="reference"``, for checks) or through the dispatcher (to measure it)."""
+    if torch.compiler.is_compiling() or route == "dispatcher":
         return getattr(torch.ops.momentkv, name).default(*args)
-    return kernel(name, args[0].device)(*args)
+    if route == "reference":
+        return REFERENCES[name](*args)
+    return _KERNELS.get((name, args[0].device.type), REFERENCES[name])(*args)

@@ -1,7 +1,8 @@
 """Triton kernel of ``momentkv::evict``: one program per (sequence, KV head), or per sequence
-when a layer's heads share the victim. It scans the slots for the lowest-scored candidate
-(first index on ties, like ``torch.argmin``), then, if over budget, frees that slot and folds
-its key and value into the moments (Welford), all without a host round trip."""
+when a layer's heads share the victim. It scans the slots for the last of the keep order
+(``selection.keep_rank``, first index on ties, like ``torch.argmin``): the lowest-scored slot outside
+the recent window, or the oldest if none is, as two running minima; then, if over budget, it frees
+that slot and folds its key and value into the moments (Welford), all without a host round trip."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from .evict import evict_reference
 from .scores import MOMENTUM, RANDOM, WINDOW
+from .selection import WINDOW_CAP
 from .triton_support import tiles
 
 BLOCK_S = 128
@@ -61,7 +63,7 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, VR
                   S, budget, recent, seed,
                   H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr,
                   POLICY: tl.constexpr, BIAS: tl.constexpr, SHARED: tl.constexpr, FOLD: tl.constexpr,
-                  WINDOW_SHARE: tl.constexpr, HAS_RANGE: tl.constexpr):
+                  CAP: tl.constexpr, HAS_RANGE: tl.constexpr):
     pid = tl.program_id(0)
     if SHARED:
         b = pid
@@ -74,7 +76,7 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, VR
     step = tl.load(SEEN)
     draw = tl.load(DECODE_LEN)
     window = recent
-    if WINDOW_SHARE > 0:  # cap the window by the evictable slots held (in every head, if shared)
+    if CAP > 0:  # at most window_cap of the evictable slots held (in every head, if shared); CAP = WINDOW_CAP
         held = 0
         for s0 in range(0, S, BLOCK):
             s = s0 + tl.arange(0, BLOCK)
@@ -85,7 +87,7 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, VR
                 ok = ok & (tl.load(VALID + base + s, mask=smask, other=0) != 0)
                 ok = ok & (tl.load(EVICTABLE + base + s, mask=smask, other=0) != 0)
             held += tl.sum(ok.to(tl.int32), 0)
-        window = tl.minimum(window, held - held // WINDOW_SHARE)
+        window = tl.minimum(window, held - held // CAP)
     threshold = step - window
     best = float("inf")
     victim = 0
@@ -140,7 +142,7 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, VR
 def evict_triton(keys: Tensor, values: Tensor, valid: Tensor, evictable: Tensor, importance: Tensor,
                  normalizer: Tensor, positions: Tensor, n: Tensor, mu_k: Tensor, mu_v: Tensor, comoment: Tensor,
                  free_slot: Tensor, decode_len: Tensor, seen: Tensor, budget: int, policy: int,
-                 bias_correction: bool, recent_window: int, window_share: int, shared: bool, seed: int,
+                 bias_correction: bool, recent_window: int, cap_window: bool, shared: bool, seed: int,
                  fold: bool, value_range: Tensor | None = None) -> None:
     """Same contract as the reference ``evict``; every tensor must be contiguous (the cache's are)."""
     if policy not in (MOMENTUM, WINDOW, RANDOM):
@@ -154,11 +156,11 @@ def evict_triton(keys: Tensor, values: Tensor, valid: Tensor, evictable: Tensor,
     if not tiles(d, dv):
         return evict_reference(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v,
                                comoment, free_slot, decode_len, seen, budget, policy, bias_correction, recent_window,
-                               window_share, shared, seed, fold, value_range)
+                               cap_window, shared, seed, fold, value_range)
     grid = (b if shared else b * h,)
     _evict_kernel[grid](
         keys, values, valid.view(torch.uint8), evictable.view(torch.uint8), importance, normalizer, positions,
         n, mu_k, mu_v, comoment, value_range if value_range is not None else n, free_slot, decode_len, seen, slots,
         budget, recent_window, seed,  # n stands in for an absent range: never read then
         H=h, D=d, DV=dv, BLOCK=BLOCK_S, BLOCK_DV=min(dv, 32), POLICY=policy, BIAS=bias_correction, SHARED=shared,
-        FOLD=fold, WINDOW_SHARE=window_share, HAS_RANGE=value_range is not None)
+        FOLD=fold, CAP=WINDOW_CAP if cap_window else 0, HAS_RANGE=value_range is not None)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from momentkv.ops.kernels import call
+from momentkv.ops.layer import attend, evict
 
 from .cache import BudgetedLayer, MomentKVCache
 
@@ -34,14 +34,11 @@ def decode_step(layer: BudgetedLayer, query: Tensor, scale: float, sinks: Tensor
 
     sinks [Hq]: the model's learned attention-sink logits, if it has them."""
     cfg = layer.config
-    moments = (layer.n, layer.mu_k, layer.mu_v, layer.comoment)
-    out = call("decode_attention", query[:, :, 0], layer.keys, layer.values, layer.valid, *moments,
-               layer.importance, layer.normalizer, scale, cfg.alpha, cfg.corrected,
-               cfg.moment_weight, sinks, layer.value_range)
-    call("evict", layer.keys, layer.values, layer.valid, layer.evictable, layer.importance, layer.normalizer,
-         layer.positions, *moments, layer.free_slot, layer.decode_len, layer.seen, cfg.budget, cfg.policy_id,
-         cfg.bias_correction, cfg.recent_window, cfg.window_share, cfg.scope == "layer", cfg.seed, cfg.corrected,
-         layer.value_range)
+    out = attend(layer.state, query[:, :, 0], scale=scale, alpha=cfg.alpha, corrected=cfg.corrected,
+                 moment_weight=cfg.moment_weight, sinks=sinks)
+    evict(layer.state, budget=cfg.budget, policy=cfg.policy_id, bias_correction=cfg.bias_correction,
+          recent_window=cfg.recent_window, cap_window=cfg.cap_window, shared=cfg.scope == "layer", seed=cfg.seed,
+          fold=cfg.corrected)
     return out.unsqueeze(1)
 
 

@@ -8,44 +8,40 @@ the decode tokens; keys are stored after RoPE, so a slot's index never matters.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin
 from transformers.utils import is_torchdynamo_compiling
 
-from momentkv.config import MomentKVConfig, window_cap
-from momentkv.ops import eviction_score, merge_range, merge_set, prefill_scores
+from momentkv.config import MomentKVConfig
+from momentkv.ops.layer import LayerState, score_prompt
+from momentkv.ops.moments import merge_range, merge_set
+from momentkv.ops.selection import prompt_score, select_prompt, sink_mask, vote
 
 from .support import BOUNDED, BUDGETED, layer_types
 
 
-class PendingPrompt(NamedTuple):
-    """A layer's scored prompt, held until every layer has scored its own (the vote needs them all)."""
+@dataclass
+class PendingPrompt:
+    """A layer's prompt between its attention and the write into its slots. With a vote it waits, scored,
+    until every budgeted layer has scored its own."""
 
     keys: Tensor
     values: Tensor
-    key_valid: Tensor  # [B, L]
-    positions: Tensor  # [B, H, L]
-    importance: Tensor
-    normalizer: Tensor
-    score: Tensor | None  # the selection score [B, H, L]; None if the whole prompt fits its slots
-
-
-def head_share(score: Tensor) -> Tensor:
-    """Each score [B, H, L] as a share of its head's total: comparable across heads and layers."""
-    return score / score.sum(-1, keepdim=True).clamp_min(1e-20)
+    key_valid: Tensor | None = None  # [B, L], once scored
+    importance: Tensor | None = None  # [B, H, L] prefill scores, once scored
+    normalizer: Tensor | None = None
+    score: Tensor | None = None  # [B, H, L] the selection score; None if the whole prompt fits its slots
 
 
 class BudgetedLayer(CacheLayerMixin):
-    """One full-attention layer's budgeted cache. Its attention is computed by
-    :func:`momentkv.patches.attention` through :meth:`attend`."""
+    """One full-attention layer's budgeted cache: its buffers (:class:`LayerState`) and transformers'
+    cache protocol. Its decode attention is computed by :func:`momentkv.patches.attention.decode_step`."""
 
     is_compileable = True
     is_sliding = False
-    BUFFERS = ("keys", "values", "valid", "evictable", "importance", "normalizer", "positions",
-               "n", "mu_k", "mu_v", "comoment", "value_range", "free_slot", "decode_len", "seen")
 
     def __init__(self, config: MomentKVConfig, prompt_slots: int):
         super().__init__()
@@ -53,32 +49,17 @@ class BudgetedLayer(CacheLayerMixin):
         self.prompt_slots = prompt_slots
         self.num_slots = prompt_slots + config.budget + 1
         self.prefilled = False
-        self._pending: tuple[Tensor, Tensor] | PendingPrompt | None = None
+        self.pending: PendingPrompt | None = None
+        self.state: LayerState | None = None
 
     # -- allocation -----------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.inference = torch.is_inference_mode_enabled()  # inference tensors cannot be updated outside that mode
         self.batch_size, self.num_heads = key_states.shape[:2]
-        b, h, s = self.batch_size, self.num_heads, self.num_slots
-        dk, dv = key_states.shape[-1], value_states.shape[-1]
-        f32 = dict(dtype=torch.float32, device=self.device)
-        self.keys = torch.zeros(b, h, s, dk, dtype=self.dtype, device=self.device)
-        # keys and values may differ in dtype (under autocast, RoPE returns fp32 keys beside bf16 values)
-        self.values = torch.zeros(b, h, s, dv, dtype=value_states.dtype, device=self.device)
-        self.valid = torch.zeros(b, h, s, dtype=torch.bool, device=self.device)
-        self.evictable = torch.zeros(b, h, s, dtype=torch.bool, device=self.device)
-        self.importance = torch.zeros(b, h, s, **f32)
-        self.normalizer = torch.zeros(b, h, s, **f32)
-        self.positions = torch.zeros(b, h, s, dtype=torch.int64, device=self.device)
-        self.n = torch.zeros(b, h, **f32)
-        self.mu_k = torch.zeros(b, h, dk, **f32)
-        self.mu_v = torch.zeros(b, h, dv, **f32)
-        self.comoment = torch.zeros(b, h, dv, dk, **f32)
-        self.value_range = torch.zeros(b, h, 2, dv, **f32)  # low, high of the evicted values (and 0)
-        self.free_slot = torch.zeros(b, h, dtype=torch.int64, device=self.device)
-        self.decode_len = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.seen = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.state = LayerState.allocate(self.batch_size, self.num_heads, self.num_slots, key_states.shape[-1],
+                                         value_states.shape[-1], key_states.dtype, value_states.dtype, self.device)
+        self.keys, self.values = self.state.keys, self.state.values  # what transformers reads of a layer
         if not is_torchdynamo_compiling():
             for buffer in self.buffers():
                 torch._dynamo.mark_static_address(buffer)
@@ -86,18 +67,16 @@ class BudgetedLayer(CacheLayerMixin):
 
     def buffers(self) -> list[Tensor]:
         """Every tensor this layer owns (all of fixed size and address)."""
-        if not self.is_initialized:
-            return []
-        return [getattr(self, name) for name in self.BUFFERS]
+        return self.state.tensors() if self.is_initialized else []
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+        return self.state.nbytes() if self.is_initialized else 0
 
     def reset(self) -> None:
         for buffer in self.buffers():
             buffer.zero_()
         self.prefilled = False
-        self._pending = None
+        self.pending = None
 
     # -- transformers' cache protocol -------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -106,25 +85,25 @@ class BudgetedLayer(CacheLayerMixin):
         if not self.prefilled:
             # The prompt is attended as it is; the attention function knows the padding and
             # finishes the prefill (scoring, compression, writing the slots).
-            self._pending = (key_states, value_states)
+            self.pending = PendingPrompt(key_states, value_states)
             return key_states, value_states
         if key_states.shape[-2] != 1:
             raise ValueError(
                 f"momentkv decodes one token per step after the prompt, got {key_states.shape[-2]} new tokens; "
                 "assisted/speculative generation, chunked prefill and multi-token continuation are not supported"
             )
-        budget = self.config.budget
-        target = torch.where(self.decode_len <= budget, self.prompt_slots + self.decode_len, self.free_slot)
+        st = self.state
+        target = torch.where(st.decode_len <= self.config.budget, self.prompt_slots + st.decode_len, st.free_slot)
         slot = target[..., None]
-        self.keys.scatter_(2, slot[..., None].expand(-1, -1, 1, self.keys.shape[-1]), key_states)
-        self.values.scatter_(2, slot[..., None].expand(-1, -1, 1, self.values.shape[-1]), value_states)
-        self.valid.scatter_(2, slot, True)
-        self.importance.scatter_(2, slot, 0.0)
-        self.normalizer.scatter_(2, slot, 0.0)
-        self.positions.scatter_(2, slot, self.seen.expand_as(slot))
-        self.seen.add_(1)
-        self.decode_len.add_(1)
-        return self.keys, self.values
+        st.keys.scatter_(2, slot[..., None].expand(-1, -1, 1, st.keys.shape[-1]), key_states)
+        st.values.scatter_(2, slot[..., None].expand(-1, -1, 1, st.values.shape[-1]), value_states)
+        st.valid.scatter_(2, slot, True)
+        st.importance.scatter_(2, slot, 0.0)
+        st.normalizer.scatter_(2, slot, 0.0)
+        st.positions.scatter_(2, slot, st.seen.expand_as(slot))
+        st.seen.add_(1)
+        st.decode_len.add_(1)
+        return st.keys, st.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Decode attention reads ``valid``, not the mask; the mask only matters for the prompt.
@@ -132,7 +111,7 @@ class BudgetedLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> Tensor | int:
         """Tokens seen (padding included, as transformers counts them), not tokens stored."""
-        return self.seen if self.is_initialized else 0
+        return self.state.seen if self.is_initialized else 0
 
     def get_max_length(self) -> int:
         return -1  # generation length is unbounded: the cache evicts instead of growing
@@ -142,78 +121,61 @@ class BudgetedLayer(CacheLayerMixin):
 
     # -- prefill --------------------------------------------------------------------
     def score_prompt(self, query: Tensor, key_valid: Tensor, scale: float) -> None:
-        """Score the prompt's tokens (if a choice is to be made) and hold the prompt until :meth:`write_prompt`.
+        """Score the prompt's tokens, if a choice is to be made (held until :meth:`write_prompt`).
 
         query [B, Hq, L, D] (the prompt's queries); key_valid bool [B, L] (False on padding)."""
-        keys, values = self._pending
-        cfg = self.config
-        b, h, length, _ = keys.shape
+        pending, cfg = self.pending, self.config
+        b, h, length, _ = pending.keys.shape
         if length > self.prompt_slots and cfg.prefill_budget is None:
             raise ValueError(f"prompt of {length} tokens does not fit the {self.prompt_slots} prompt slots of this cache")
-        positions = torch.arange(length, device=keys.device).expand(b, h, length)
-        score = None
+        pending.key_valid = key_valid
         if length > self.prompt_slots or not cfg.protect_prompt:
             window = min(cfg.observation_window, length)
-            importance, normalizer = prefill_scores(query[:, :, -window:], keys, key_valid, scale, cfg.alpha)
+            pending.importance, pending.normalizer = score_prompt(query[:, :, -window:], pending.keys, key_valid,
+                                                                  scale=scale, alpha=cfg.alpha)
         else:
-            importance = normalizer = torch.zeros(b, h, length, dtype=torch.float32, device=keys.device)
+            pending.importance = pending.normalizer = torch.zeros(b, h, length, dtype=torch.float32,
+                                                                  device=pending.keys.device)
         if length > self.prompt_slots:
-            seen, draw = (torch.full((), value, dtype=torch.int64, device=keys.device) for value in (length, 0))
-            score = eviction_score(cfg.policy_id, importance, normalizer, positions, seen, draw, cfg.bias_correction,
-                                   cfg.seed)
-            score = score.masked_fill(~key_valid[:, None, :], 0.0)
-        self._pending = PendingPrompt(keys, values, key_valid, positions, importance, normalizer, score)
+            pending.score = prompt_score(cfg.policy_id, pending.importance, pending.normalizer, key_valid,
+                                         cfg.bias_correction, cfg.seed)
 
     @property
     def awaits_vote(self) -> bool:
         """Whether this layer's prompt selection waits for the model-wide vote (``prefill_vote > 0``)."""
-        return self._pending.score is not None and self.config.prefill_vote > 0
+        return self.pending.score is not None and self.config.prefill_vote > 0
 
-    def vote(self) -> Tensor:
-        """[B, L]: this layer's selection scores as a share of each head's total, averaged over heads."""
-        return head_share(self._pending.score).mean(1)
+    def write_prompt(self, model_vote: Tensor | None = None) -> None:
+        """Write the prompt into the prompt slots, compressed to ``prefill_budget`` if it is longer.
 
-    def write_prompt(self, vote: Tensor | None = None) -> None:
-        """Write the prompt into the prompt slots, compressing it to ``prefill_budget`` if it is longer.
-
-        vote [B, L]: the model-wide vote (:meth:`MomentKVCache.finish_prefill`), blended into the score
-        with weight ``prefill_vote``."""
-        keys, values, key_valid, positions, importance, normalizer, score = self._pending
-        self._pending = None
-        cfg = self.config
+        model_vote [B, L]: the model-wide vote (:meth:`MomentKVCache.finish_prefill`)."""
+        pending, cfg, st = self.pending, self.config, self.state
+        self.pending = None
+        keys, values, importance, normalizer = pending.keys, pending.values, pending.importance, pending.normalizer
         b, h, length, _ = keys.shape
         p = self.prompt_slots
-        valid = key_valid[:, None, :].expand(b, h, length)
-        sink = valid & (valid.cumsum(-1) <= cfg.sinks)
-        if score is not None:
-            if vote is not None:
-                score = (1 - cfg.prefill_vote) * head_share(score) + cfg.prefill_vote * vote[:, None, :]
-            # Sinks first, then the recent window newest first, then by score. As at decode, the window
-            # covers at most 7/8 of the evictable slots, so the score (the vote) always chooses some.
-            choosable = p - cfg.sinks
-            window = min(cfg.recent_window, window_cap(choosable))
-            recent = positions >= length - window
-            rank = torch.where(recent, 1e12 + positions.double(), score.double())
-            rank = torch.where(sink, 2e12, rank).masked_fill(~valid, float("-inf"))
-            keep = rank.topk(p, dim=-1).indices.sort(dim=-1).values
-            kept = torch.zeros_like(valid).scatter_(-1, keep, True)
+        valid = pending.key_valid[:, None, :].expand(b, h, length)
+        positions = torch.arange(length, device=keys.device).expand(b, h, length)
+        if pending.score is not None:
+            keep = select_prompt(pending.score, valid, p, cfg.sinks, cfg.recent_window, cfg.prefill_vote, model_vote)
             if cfg.corrected:
-                merge_set(self.n, self.mu_k, self.mu_v, self.comoment, keys, values, valid & ~kept)
-                merge_range(self.value_range, values, valid & ~kept)
+                dropped = valid & ~torch.zeros_like(valid).scatter_(-1, keep, True)
+                merge_set(st.n, st.mu_k, st.mu_v, st.comoment, keys, values, dropped)
+                merge_range(st.value_range, values, dropped)
             keys = keys.gather(2, keep[..., None].expand(-1, -1, -1, keys.shape[-1]))
             values = values.gather(2, keep[..., None].expand(-1, -1, -1, values.shape[-1]))
-            valid, sink, positions = valid.gather(-1, keep), sink.gather(-1, keep), keep
+            valid, positions = valid.gather(-1, keep), keep
             importance, normalizer = importance.gather(-1, keep), normalizer.gather(-1, keep)
             length = p
-        self.keys[:, :, :length] = keys
-        self.values[:, :, :length] = values
-        self.valid[:, :, :length] = valid
-        self.positions[:, :, :length] = positions
-        self.importance[:, :, :length] = importance
-        self.normalizer[:, :, :length] = normalizer
-        self.evictable[:, :, :length] = valid & ~sink & (not cfg.protect_prompt)
-        self.evictable[:, :, p:] = True
-        self.seen.fill_(key_valid.shape[-1])
+        st.keys[:, :, :length] = keys
+        st.values[:, :, :length] = values
+        st.valid[:, :, :length] = valid
+        st.positions[:, :, :length] = positions
+        st.importance[:, :, :length] = importance
+        st.normalizer[:, :, :length] = normalizer
+        st.evictable[:, :, :length] = valid & ~sink_mask(valid, cfg.sinks) & (not cfg.protect_prompt)
+        st.evictable[:, :, p:] = True
+        st.seen.fill_(pending.key_valid.shape[-1])
         self.prefilled = True
 
 
@@ -254,10 +216,9 @@ class MomentKVCache(Cache):
             layer.write_prompt()
         elif layer is self.budgeted_layers[-1]:
             layers = self.budgeted_layers
-            voters = layers[int(self.config.vote_depth * len(layers)):]
-            vote = torch.stack([voter.vote() for voter in voters]).mean(0)
+            model_vote = vote([voter.pending.score for voter in layers[int(self.config.vote_depth * len(layers)):]])
             for each in layers:
-                each.write_prompt(vote)
+                each.write_prompt(model_vote)
 
     def fits(self, batch_size: int, prompt_slots: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether a new generation of this shape fits these buffers (reusing them reuses a compiled step too)."""

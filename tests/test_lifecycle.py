@@ -223,7 +223,7 @@ def test_eviction_choice_ignores_the_row_index(policy):
         moments = dict(n=torch.zeros(2, h), mu_k=torch.zeros(2, h, d), mu_v=torch.zeros(2, h, d),
                        comoment=torch.zeros(2, h, d, d), free_slot=torch.zeros(2, h, dtype=torch.long))
         seen = torch.tensor(s)
-        evict_reference(*both.values(), *moments.values(), torch.tensor(9), seen, 4, policy, True, 2, 0, False, seed,
+        evict_reference(*both.values(), *moments.values(), torch.tensor(9), seen, 4, policy, True, 2, False, False, seed,
                         True)
         assert torch.equal(moments["free_slot"][0], moments["free_slot"][1]), seed
 

@@ -42,15 +42,15 @@ class BudgetProbe(StoppingCriteria):
         cache = momentkv.state_of(self.model).active
         layers = cache.budgeted_layers
         if self.prompt is None:
-            self.prompt = [layer.valid[..., : layer.prompt_slots].sum(-1).clone() for layer in layers]
+            self.prompt = [layer.state.valid[..., : layer.prompt_slots].sum(-1).clone() for layer in layers]
             self.addresses = [[t.data_ptr() for t in layer.buffers()] for layer in layers]
             self.nbytes = cache.nbytes()
         for layer, prompt, addresses in zip(layers, self.prompt, self.addresses):
             assert layer.keys.shape[2] == layer.prompt_slots + self.budget + 1
-            stored = layer.valid.sum(-1)
+            stored = layer.state.valid.sum(-1)
             assert (stored <= prompt + self.budget).all()
             assert [t.data_ptr() for t in layer.buffers()] == addresses
-            assert torch.isfinite(layer.mu_k).all() and torch.isfinite(layer.comoment).all()
+            assert torch.isfinite(layer.state.mu_k).all() and torch.isfinite(layer.state.comoment).all()
         assert cache.nbytes() == self.nbytes
         self.steps += 1
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
@@ -84,14 +84,14 @@ def test_small_budget_stays_bounded(tiny_model, arch, settings):
     assert out.shape == (3, ids.shape[1] + 30) and probe.steps == 30
     layer = cache.budgeted_layers[0]
     prompt_tokens = mask.sum(-1)
-    stored = layer.valid.sum(-1)
+    stored = layer.state.valid.sum(-1)
     if settings.get("prefill_budget"):
         assert (stored <= settings["prefill_budget"] + budget).all()
     else:
         assert (stored == prompt_tokens[:, None] + budget).all()
         evicted = (ids.shape[1] + 29) - (ids.shape[1] - prompt_tokens)[:, None] - stored
         if settings.get("correction", "moments") == "moments":
-            assert torch.equal(layer.n, evicted.float())
+            assert torch.equal(layer.state.n, evicted.float())
 
 
 def test_window_beyond_the_cache_keeps_sinks_and_the_newest(tiny_model):
@@ -103,10 +103,10 @@ def test_window_beyond_the_cache_keeps_sinks_and_the_newest(tiny_model):
                           prompt_bucket=8):
         greedy(model, ids, mask, 12)
         layer = momentkv.state_of(model).cache.budgeted_layers[0]
-    seen = layer.seen.item()
+    seen = layer.state.seen.item()
     for row, padding in enumerate((ids.shape[1] - mask.sum(-1)).tolist()):
         for head in range(layer.num_heads):
-            kept = layer.positions[row, head][layer.valid[row, head]].sort().values.tolist()
+            kept = layer.state.positions[row, head][layer.state.valid[row, head]].sort().values.tolist()
             assert kept == [padding, padding + 1, *range(seen - len(kept) + 2, seen)], (row, head)
 
 
@@ -123,7 +123,7 @@ def test_prefill_window_leaves_the_vote_a_choice(tiny_model, protect_prompt):
                               protect_prompt=protect_prompt):
             greedy(model, ids, mask, 1)
             layers = momentkv.state_of(model).cache.budgeted_layers
-            return torch.stack([layer.positions[..., :12].sort(-1).values for layer in layers])
+            return torch.stack([layer.state.positions[..., :12].sort(-1).values for layer in layers])
 
     capped = prompt_kept(12)
     assert torch.equal(capped, prompt_kept(9))
@@ -145,7 +145,7 @@ def test_prefill_vote_shares_the_prompt_selection(tiny_model, arch, alone_differ
                               prefill_vote=vote):
             greedy(model, ids, mask, 1)
             layers = momentkv.state_of(model).cache.budgeted_layers
-            kept[vote] = torch.stack([layer.positions[..., :8].masked_fill(~layer.valid[..., :8], -1)
+            kept[vote] = torch.stack([layer.state.positions[..., :8].masked_fill(~layer.state.valid[..., :8], -1)
                                       for layer in layers])  # layers x batch x heads x prompt slots
     shared = kept[1.0]
     assert (shared == shared[:1, :, :1]).all()
@@ -158,7 +158,7 @@ def test_only_layers_from_vote_depth_vote(tiny_model):
     layers voting with the first layer's scores zeroed, and not the choice of both voting as they are."""
     model = tiny_model("llama")
     ids, mask = left_padded_batch()
-    score = budgeted_cache.eviction_score
+    score = budgeted_cache.prompt_score
     calls = []
 
     def first_layer_silent(*args):
@@ -170,10 +170,10 @@ def test_only_layers_from_vote_depth_vote(tiny_model):
         calls.clear()
         with momentkv.patched(model, budget=4, prefill_budget=8, sinks=1, recent_window=2, prompt_bucket=4,
                               vote_depth=depth), \
-                mock.patch.object(budgeted_cache, "eviction_score", first_layer_silent if silence_first else score):
+                mock.patch.object(budgeted_cache, "prompt_score", first_layer_silent if silence_first else score):
             greedy(model, ids, mask, 1)
             layer = momentkv.state_of(model).cache.budgeted_layers[0]
-            return layer.positions[..., :8].masked_fill(~layer.valid[..., :8], -1)
+            return layer.state.positions[..., :8].masked_fill(~layer.state.valid[..., :8], -1)
 
     deep_only = kept(0.5)
     assert torch.equal(deep_only, kept(0.0, silence_first=True))
@@ -191,11 +191,11 @@ def test_default_open_window_leaves_momentum_a_choice(tiny_model):
         layers = momentkv.state_of(model).cache.budgeted_layers
     momentum_chose = False
     for layer in layers:
-        seen = layer.seen.item()
-        held = (layer.valid & layer.evictable).sum(-1) + 1  # at the last eviction, the new token included
+        seen = layer.state.seen.item()
+        held = (layer.state.valid & layer.state.evictable).sum(-1) + 1  # at the last eviction, the new token included
         for row, padding in enumerate((ids.shape[1] - mask.sum(-1)).tolist()):
             for head in range(layer.num_heads):
-                kept = layer.positions[row, head][layer.valid[row, head]].sort().values.tolist()
+                kept = layer.state.positions[row, head][layer.state.valid[row, head]].sort().values.tolist()
                 window = int(held[row, head] - held[row, head] // 8)
                 assert kept[:2] == [padding, padding + 1] and kept[-window:] == list(range(seen - window, seen))
                 momentum_chose |= kept != [padding, padding + 1, *range(seen - len(kept) + 2, seen)]

@@ -165,7 +165,7 @@ def run_evictions(steps, b=1, h=2, s=6, d=4, budget=3, policy=MOMENTUM, recent=1
         snapshot_valid = valid.clone()
         expected = eviction_score(policy, importance, normalizer, positions, seen, decode_len, True, 0)
         evict(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, com, free,
-              decode_len, seen, budget, policy, True, recent, 0, shared, 0, True)
+              decode_len, seen, budget, policy, True, recent, False, shared, 0, True)
         gone = snapshot_valid & ~valid
         victims.append((snapshot_valid, expected, gone, positions.clone(), seen.clone()))
         for bi, hi, si in gone.nonzero().tolist():
@@ -263,9 +263,9 @@ def test_opcheck_every_op():
     args = (st["keys"], st["values"], st["valid"].clone(), torch.ones(b, h, s, dtype=torch.bool), st["importance"],
             st["normalizer"], torch.arange(s).expand(b, h, s).contiguous(), st["n"].clone(), st["mu_k"].clone(),
             st["mu_v"].clone(), st["comoment"].clone(), torch.zeros(b, h, dtype=torch.int64),
-            torch.tensor(5), torch.tensor(7), 3, MOMENTUM, True, 1, 0, False, 0, True)
+            torch.tensor(5), torch.tensor(7), 3, MOMENTUM, True, 1, False, False, 0, True)
     torch.library.opcheck(torch.ops.momentkv.evict.default, args)
-    capped = args[:17] + (6, 8) + args[19:]  # the window capped at 7/8 of the evictable slots
+    capped = args[:17] + (6, True) + args[19:]  # the window capped at 7/8 of the evictable slots
     torch.library.opcheck(torch.ops.momentkv.evict.default, capped)
     torch.library.opcheck(torch.ops.momentkv.prefill_scores.default,
                           (torch.randn(2, 4, 3, d), st["keys"], torch.ones(2, s, dtype=torch.bool), 0.3, 0.9))

@@ -91,13 +91,14 @@ def evict_state(b, h, s, d, budget, decode_len, seed=0):
 
 @pytest.mark.parametrize("policy", [0, 1, 2], ids=["momentum", "window", "random"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per-head", "per-layer"])
-@pytest.mark.parametrize("decode_len, d, recent, window_share",
-                         [(9, 64, 2, 0), (3, 64, 2, 0), (9, 128, 2, 0), (9, 64, 200, 0), (9, 64, 200, 8)],
+@pytest.mark.parametrize("decode_len, d, recent, cap_window",
+                         [(9, 64, 2, False), (3, 64, 2, False), (9, 128, 2, False), (9, 64, 200, False),
+                          (9, 64, 200, True)],
                          ids=["over-budget", "under-budget", "d128", "window-exceeds-cache", "window-capped"])
-def test_evict_kernel_matches_reference(policy, shared, decode_len, d, recent, window_share):
+def test_evict_kernel_matches_reference(policy, shared, decode_len, d, recent, cap_window):
     state = evict_state(b=3, h=2, s=150, d=d, budget=8, decode_len=decode_len)
     expected = {k: v.clone() for k, v in state.items()}
-    args = (8, policy, True, recent, window_share, shared, 5, True)
+    args = (8, policy, True, recent, cap_window, shared, 5, True)
     value_range = torch.zeros(3, 2, 2, d, device=DEVICE)
     expected_range = value_range.clone()
     evict_triton(*state.values(), *args, value_range=value_range)

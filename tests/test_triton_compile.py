@@ -65,7 +65,7 @@ def check_decode_attention(dtype, head_dim):
                                                                    MOMENT_AWARE=moment_aware))
 
 
-def check_evict(policy, shared, window_share):
+def check_evict(policy, shared, cap):
     from momentkv.ops import triton_evict as evict
 
     f32 = {name: "*fp32" for name in ("IMP", "NORM", "N", "MU_K", "MU_V", "COM", "VRANGE")}
@@ -73,7 +73,7 @@ def check_evict(policy, shared, window_share):
              "DECODE_LEN": "*i64", "SEEN": "*i64"}
     compile_for_hopper(evict._evict_kernel, types, dict(H=8, D=256, DV=256, BLOCK=evict.BLOCK_S, BLOCK_DV=32,
                                                         POLICY=policy, BIAS=True, SHARED=shared, FOLD=True,
-                                                        WINDOW_SHARE=window_share, HAS_RANGE=shared))
+                                                        CAP=cap, HAS_RANGE=shared))
 
 
 def check_prefill_scores():

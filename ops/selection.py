@@ -1,0 +1,79 @@
+"""The keep order, the one rule by which every choice of tokens is made: decode eviction, prefill
+compression and the model-wide prefill vote.
+
+Slots are kept in tiers: protected slots (the sinks) first, then the recent window newest first,
+then the rest by score. Decode eviction drops the last slot of that order; prefill compression keeps
+its first ``prefill_budget`` slots. The window never covers more than :func:`window_cap` of the slots
+it competes for, so the score always chooses some. The Triton evict kernel mirrors this and is
+tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .scores import eviction_score
+
+# A recent window covers at most all but one in WINDOW_CAP of the evictable slots (7 in 8).
+WINDOW_CAP = 8
+
+# Tiers of the keep order, last kept first; a tier's offset dwarfs any score or position within it.
+SCORED, RECENT, PROTECTED = 0, 1, 2
+_TIER_GAP = float(2**40)
+
+
+def window_cap(slots: int | Tensor) -> int | Tensor:
+    """The most of ``slots`` evictable slots a recent window may cover, so that the score chooses the rest."""
+    return slots - slots // WINDOW_CAP
+
+
+def keep_rank(score: Tensor, positions: Tensor, recent: Tensor, protected: Tensor | None = None) -> Tensor:
+    """float64 rank of each slot in the keep order, higher kept longer: protected slots, then the
+    ``recent`` ones by position (newest last to go), then the rest by score."""
+    tier = recent.to(torch.int64)
+    if protected is not None:
+        tier = torch.where(protected, PROTECTED, tier)
+    within = torch.where(tier == SCORED, score.double(), positions.double())
+    return tier.double() * _TIER_GAP + within
+
+
+def sink_mask(valid: Tensor, sinks: int) -> Tensor:
+    """The first ``sinks`` valid tokens of each row (never evicted, never compressed away)."""
+    return valid & (valid.cumsum(-1) <= sinks)
+
+
+def prompt_score(policy: int, importance: Tensor, normalizer: Tensor, key_valid: Tensor, bias_correction: bool,
+                 seed: int) -> Tensor:
+    """Selection score [B, H, L] of prompt tokens from their prefill scores, as decode eviction would score them
+    with the whole prompt seen (padding scores 0)."""
+    b, h, length = importance.shape
+    positions = torch.arange(length, device=importance.device).expand(b, h, length)
+    seen = torch.full((), length, dtype=torch.int64, device=importance.device)
+    draw = torch.zeros((), dtype=torch.int64, device=importance.device)
+    score = eviction_score(policy, importance, normalizer, positions, seen, draw, bias_correction, seed)
+    return score.masked_fill(~key_valid[:, None, :], 0.0)
+
+
+def head_share(score: Tensor) -> Tensor:
+    """Each score [B, H, L] as a share of its head's total: comparable across heads and layers."""
+    return score / score.sum(-1, keepdim=True).clamp_min(1e-20)
+
+
+def vote(scores: list[Tensor]) -> Tensor:
+    """[B, L]: the voting layers' prompt scores, each head's as a share of its total, averaged over heads and layers."""
+    return torch.stack([head_share(score).mean(1) for score in scores]).mean(0)
+
+
+def select_prompt(score: Tensor, valid: Tensor, slots: int, sinks: int, recent_window: int,
+                  vote_weight: float = 0.0, model_vote: Tensor | None = None) -> Tensor:
+    """Indices [B, H, slots], ascending, of the prompt tokens kept when a prompt of L > ``slots`` tokens is
+    compressed: the keep order over score [B, H, L] (blended with ``model_vote`` [B, L] at ``vote_weight``);
+    valid bool [B, H, L]. The window covers at most :func:`window_cap` of the ``slots - sinks`` choosable slots."""
+    if model_vote is not None:
+        score = (1 - vote_weight) * head_share(score) + vote_weight * model_vote[:, None, :]
+    length = score.shape[-1]
+    positions = torch.arange(length, device=score.device).expand_as(score)
+    window = min(recent_window, window_cap(slots - sinks))
+    rank = keep_rank(score, positions, positions >= length - window, sink_mask(valid, sinks))
+    return rank.masked_fill(~valid, float("-inf")).topk(slots, dim=-1).indices.sort(dim=-1).values
