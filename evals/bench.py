@@ -26,6 +26,9 @@ from transformers import CompileConfig, StaticCache, StoppingCriteriaList
 import momentkv
 from momentkv.patching import GENERATE_CACHE_ARG
 
+SYSTEMS = ("full-dynamic", "full-static-compiled", "momentkv-eager", "momentkv-compiled", "momentkv-cudagraphs",
+           "kvpress-i1", "kvpress-i16")
+
 from .kernel_bench import _versions
 from .step_timer import StepTimer, kv_bytes
 

@@ -8,6 +8,7 @@ beyond the reference run free, so one pass yields teacher-forced and free-run ou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -15,12 +16,13 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 
 class TeacherForcing(LogitsProcessor):
-    """Per step, for the first ``len(reference)`` rows: top-1 agreement, the reference token's
-    log-probability and, given reference log-probabilities, KL(reference || model); then forces
-    the reference token on those rows. Other rows are left to choose freely."""
+    """Per step, for the first ``len(reference)`` rows: the model's own top-1 token, its agreement with the
+    reference, the reference token's log-probability and, given reference log-probabilities,
+    KL(reference || model); then forces the reference token on those rows. Other rows are left to choose freely."""
 
     def __init__(self, reference: Tensor, reference_logprobs: Tensor | None = None):
         self.reference, self.reference_logprobs = reference, reference_logprobs
+        self.predicted: list[Tensor] = []
         self.agree: list[Tensor] = []
         self.logprob: list[Tensor] = []
         self.kl: list[Tensor] = []
@@ -29,7 +31,8 @@ class TeacherForcing(LogitsProcessor):
         step, rows = len(self.agree), self.reference.shape[0]
         target = self.reference[:, step].to(scores.device)
         log_q = torch.log_softmax(scores[:rows].float(), -1)
-        self.agree.append(scores[:rows].argmax(-1) == target)
+        self.predicted.append(scores[:rows].argmax(-1))
+        self.agree.append(self.predicted[-1] == target)
         self.logprob.append(log_q.gather(-1, target[:, None]).squeeze(-1))
         if self.reference_logprobs is not None:
             log_p = torch.log_softmax(self.reference_logprobs[:, step].float().to(scores.device), -1)
@@ -59,6 +62,7 @@ class Fidelity:
 
 @dataclass
 class Streamed:
+    predicted: Tensor  # [N, T]: the model's argmax at each step
     agree: Tensor  # bool [N, T]: the model's argmax was the reference token
     logprob: Tensor  # fp32 [N, T]: log-probability of the reference token
     kl: Tensor | None  # fp32 [N, T]: KL(reference || model), if reference log-probabilities were given
@@ -84,22 +88,25 @@ def full_cache_reference(model: PreTrainedModel, input_ids: Tensor, attention_ma
 
 
 def stream(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, reference: Tensor,
-           reference_logprobs: Tensor | None = None, free_run: bool = False, mask_eos: bool = True) -> Streamed:
+           reference_logprobs: Tensor | None = None, free_run: bool = False, mask_eos: bool = True,
+           observers: Sequence[LogitsProcessor] = ()) -> Streamed:
     """Drive ``model`` (patched or not) along ``reference`` [N, T] one token at a time.
 
     free_run: also generate each row freely (the batch is doubled), for ROUGE-L against the reference.
     mask_eos: mask EOS as the reference generation did (``min_new_tokens``); off for perplexity, where
-    the raw distribution is wanted and the reference text contains no EOS."""
+    the raw distribution is wanted and the reference text contains no EOS.
+    observers: logits processors that watch each step (a progress bar) and return the scores unchanged."""
     rows, steps = reference.shape
     if free_run:
         input_ids, attention_mask = input_ids.repeat(2, 1), attention_mask.repeat(2, 1)
     forcing = TeacherForcing(reference, reference_logprobs)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=steps,
                          min_new_tokens=steps if mask_eos else None, do_sample=False,
-                         logits_processor=LogitsProcessorList([forcing]), pad_token_id=_pad_id(model))
+                         logits_processor=LogitsProcessorList([*observers, forcing]), pad_token_id=_pad_id(model))
     if len(forcing.agree) != steps:
         raise RuntimeError(f"generation stopped after {len(forcing.agree)} of {steps} steps (EOS in the reference?)")
-    return Streamed(agree=torch.stack(forcing.agree, 1), logprob=torch.stack(forcing.logprob, 1),
+    return Streamed(predicted=torch.stack(forcing.predicted, 1), agree=torch.stack(forcing.agree, 1),
+                    logprob=torch.stack(forcing.logprob, 1),
                     kl=torch.stack(forcing.kl, 1) if forcing.kl else None,
                     free=out[rows:, input_ids.shape[1]:] if free_run else None)
 

@@ -10,6 +10,7 @@ would never evict anything.
 from __future__ import annotations
 
 import sys
+import textwrap
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,39 @@ class MomentKVLM(HFLM):
                 for row, c in enumerate(continuations)]
 
 
+EXAMPLE = ("momentkv-lm-eval --model momentkv --model_args pretrained=smollm2,budget=64 "
+           "--tasks momentkv_niah_single --limit 4 --batch_size 4 --metadata '{\"context_tokens\": 1024}'")
+
+
+def usage() -> str:
+    """What ``momentkv-lm-eval --help`` says (lm-eval's own help is one command away)."""
+    tasks = ", ".join(sorted(path.stem for path in TASKS.glob("*.yaml")))
+    items = {
+        "--model momentkv": "lm-eval's HF model with momentkv.patch applied: generate_until runs the patched "
+                            "generate; log-likelihoods stream the continuation through the budgeted cache token by token.",
+        "--model_args": "pretrained=<folder, hub id, or smollm2 (the offline SmolLM2-135M-Instruct)>, budget=<int>, "
+                        f"compile=<bool>, any MomentKVConfig option ({', '.join(sorted(OPTIONS - {'budget'}))}), "
+                        "and lm-eval's HF arguments (dtype, device, max_length, ...).",
+        "bundled tasks": f"{tasks} (tag momentkv), generated offline and sized by --metadata "
+                         '\'{"context_tokens": 4096, "samples": 20, "document_tokens": 4096}\' (the defaults).',
+        "everything else": "lm-eval's own command line: momentkv-lm-eval run --help",
+    }
+    lines = ["momentkv-lm-eval: lm-evaluation-harness with momentkv's budgeted cache.", "", f"  {EXAMPLE}", "",
+             "(about 2 minutes on a 2-core CPU)", ""]
+    for name, text in items.items():
+        lines.append(textwrap.fill(text, 100, initial_indent=f"{name:<18}", subsequent_indent=" " * 18))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``momentkv-lm-eval``: lm-eval's own command line, with the ``momentkv`` model registered and
     momentkv's offline tasks on the include path."""
     from lm_eval.__main__ import cli_evaluate
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in ([], ["-h"], ["--help"]):
+        print(usage())
+        return
     if argv and argv[0] not in ("run", "ls", "validate", "-h", "--help"):
         argv = ["run", *argv]  # lm-eval's subcommands; without one it runs "run"
     if argv and argv[0] in ("run", "ls", "validate") and "--include_path" not in argv:

@@ -7,9 +7,9 @@ Every baseline runs through the same engine, so differences come from the rule a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from momentkv import MomentKVConfig
+from momentkv import MomentKVConfig, presets
 
 
 @dataclass(frozen=True)
@@ -18,12 +18,13 @@ class Method:
     description: str
     options: dict[str, Any] = field(default_factory=dict)
     recent_fraction: float | None = None  # protected recent window as a fraction of the budget
+    preset: Callable[..., MomentKVConfig] = MomentKVConfig  # a published rule's preset, or momentkv's defaults
 
     def config(self, budget: int, **extra: Any) -> MomentKVConfig:
         options = dict(self.options, **extra)
         if self.recent_fraction is not None:
             options["recent_window"] = int(self.recent_fraction * budget)
-        return MomentKVConfig(budget=budget, **options)
+        return self.preset(budget, **options)
 
 
 FULL = "full"
@@ -34,17 +35,15 @@ _ALONE = dict(prefill_vote=0.0)  # published rules choose prompt tokens per laye
 BASELINES = (
     Method("momentum", "momentkv's defaults without moment correction", _PLAIN),
     Method("momentum-open", "momentkv-open without moment correction", dict(**_PLAIN, **_UNPROTECTED)),
-    Method("window+moments", "recency window, prompt kept, with moment correction", dict(policy="window")),
-    Method("window", "recency window, prompt kept", dict(policy="window", **_PLAIN)),
-    Method("streamingllm", "recency window over prompt and decode tokens, 4 sinks kept",
-           dict(policy="window", **_PLAIN, **_UNPROTECTED)),
-    Method("h2o", "cumulative attention, half the budget a recent window (H2O)",
-           dict(alpha=1.0, bias_correction=False, **_PLAIN, **_ALONE), recent_fraction=0.5),
-    Method("tova", "instantaneous attention per KV head (TOVA)",
-           dict(alpha=0.0, bias_correction=False, recent_window=0, **_PLAIN, **_ALONE)),
+    Method("window+moments", "recency window, prompt kept, with moment correction", dict(correction="moments"),
+           preset=presets.window),
+    Method("window", "recency window, prompt kept", preset=presets.window),
+    Method("streamingllm", "recency window over prompt and decode tokens, 4 sinks kept", preset=presets.streamingllm),
+    Method("h2o", "cumulative attention, half the budget a recent window (H2O)", preset=presets.h2o),
+    Method("tova", "instantaneous attention per KV head (TOVA)", preset=presets.tova),
     Method("tova-layer", "instantaneous attention shared across a layer's heads (TOVA as published)",
-           dict(alpha=0.0, bias_correction=False, recent_window=0, scope="layer", **_PLAIN, **_ALONE)),
-    Method("random", "uniformly random eviction", dict(policy="random", **_PLAIN, **_ALONE)),
+           preset=presets.tova_layer),
+    Method("random", "uniformly random eviction", preset=presets.random),
 )
 
 MOMENTKV = (
@@ -78,7 +77,8 @@ VARIANTS = (
            recent_fraction=1.0),
     Method("momentkv-open-r100-plain", "as momentkv-open-r100 without moment correction",
            dict(**_UNPROTECTED, **_PLAIN), recent_fraction=1.0),
-    Method("streamingllm+moments", "StreamingLLM with moment correction", dict(policy="window", **_UNPROTECTED)),
+    Method("streamingllm+moments", "StreamingLLM with moment correction", dict(correction="moments"),
+           preset=presets.streamingllm),
     Method("momentkv-informed", "momentkv with moment-informed eviction: momentum of the attention the "
            "moments would not recover (moment_weight=1)", dict(moment_weight=1.0)),
     Method("momentkv-open-informed", "momentkv-open with moment-informed eviction (moment_weight=1)",

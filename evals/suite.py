@@ -96,6 +96,28 @@ class Settings:
                 raise ValueError(f"{name} must be a non-empty list of ints >= 1, got {getattr(self, name)}")
 
 
+SETTINGS_HELP = {
+    "budgets": "decode budgets (slots per layer and KV head) every method runs at",
+    "prompts": "long-generation: held-apart chat prompts",
+    "new_tokens": "long-generation: tokens generated (teacher-forced along the full cache's)",
+    "sweep_prompts": "sweep: held-apart prompts of the default-choosing sweep",
+    "sweep_tokens": "sweep: tokens generated per prompt",
+    "passages": "long-prompt: passages summarised",
+    "passage_tokens": "long-prompt: prompt tokens per passage",
+    "passage_new_tokens": "long-prompt: tokens generated per passage",
+    "passage_prefill_budgets": "long-prompt: prefill budgets the prompt is compressed to",
+    "documents": "perplexity: documents streamed",
+    "document_tokens": "perplexity: tokens per document",
+    "document_prompt": "perplexity: tokens given as the prompt before streaming",
+    "retrieval_lengths": "retrieval: prompt lengths in tokens",
+    "retrieval_samples": "retrieval: samples per task and length",
+    "retrieval_tasks": f"retrieval: tasks, of {', '.join(RETRIEVAL_TASKS)}",
+    "compressions": "retrieval: prefill budget = prompt length / each of these",
+    "retrieval_budget": "retrieval: decode budget while answering",
+    "batch": "sequences per generate() call",
+}
+
+
 class Results:
     """The results file: settings, environment and one entry per finished cell."""
 

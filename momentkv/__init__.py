@@ -6,9 +6,10 @@ have received. Importing this package registers the ``momentkv::`` torch ops and
 changes nothing else; :func:`patch` changes only the model it is given.
 """
 
+from momentkv import presets
 from momentkv.config import MomentKVConfig
 from momentkv.patches import MomentKVCache
 from momentkv.patching import patch, patched, state_of, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["MomentKVCache", "MomentKVConfig", "patch", "patched", "state_of", "unpatch"]
+__all__ = ["MomentKVCache", "MomentKVConfig", "patch", "patched", "presets", "state_of", "unpatch"]

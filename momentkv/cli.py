@@ -9,27 +9,38 @@ import sys
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from momentkv.evals.suite import WORKLOADS, Settings
+    from momentkv.evals.suite import SETTINGS_HELP, WORKLOADS, Settings
 
     defaults = Settings()
     words = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
     ints = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
     parser.add_argument("--out", default="results/eval/fidelity.json",
                         help="results JSON; an existing file is resumed (finished cells are skipped)")
-    parser.add_argument("--workloads", type=words, default=defaults.workloads, help=f"comma-separated, of {', '.join(WORKLOADS)}")
-    parser.add_argument("--methods", type=words, default=(), help="comma-separated method names (default: all)")
+    parser.add_argument("--workloads", type=words, default=",".join(defaults.workloads),
+                        help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    parser.add_argument("--methods", type=words, default="", help="comma-separated method names; empty: every one")
     for name, value in vars(defaults).items():
         if name in ("workloads", "methods"):
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, tuple):
-            parser.add_argument(flag, type=words if isinstance(value[0], str) else ints, default=value,
-                                help=f"comma-separated (default {','.join(map(str, value))})")
+            parser.add_argument(flag, type=words if isinstance(value[0], str) else ints,
+                                default=",".join(map(str, value)),  # argparse parses a string default
+                                help=f"{SETTINGS_HELP[name]}, comma-separated")
         else:
-            parser.add_argument(flag, type=int, default=value, help=f"(default {value})")
+            parser.add_argument(flag, type=int, default=value, help=SETTINGS_HELP[name])
     parser.add_argument("--kvpress-python", default=os.environ.get("KVPRESS_PYTHON"),
-                        help="Python of an environment with kvpress 0.5.5, to add its presses (default $KVPRESS_PYTHON)")
+                        help="python of an environment with kvpress 0.5.5, to add its presses (default: $KVPRESS_PYTHON)")
     parser.add_argument("--report-only", action="store_true", help="only write the markdown table and plots")
+
+
+def _eval_epilog() -> str:
+    from momentkv.evals.methods import FULL, METHODS
+    from momentkv.evals.suite import WORKLOADS
+
+    return (f"workloads: {', '.join(WORKLOADS)}. methods: {FULL} (the reference), {', '.join(METHODS)}; "
+            "each is described in momentkv/evals/methods.py and docs/results.md. The default run takes hours on "
+            "a CPU; --workloads, --methods and --budgets narrow it.")
 
 
 def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -63,52 +74,65 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="momentkv", description="Fixed-size KV cache for transformers")
+    parser = argparse.ArgumentParser(prog="momentkv", description="momentkv: a fixed-size KV cache for Hugging Face "
+                                     "transformers. Each command's --help lists its options and defaults.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="long answer from SmolLM2-135M-Instruct with a small budget (offline)")
-    demo.add_argument("--budget", type=int, default=64, help="decode slots per layer and KV head (default 64)")
-    demo.add_argument("--new-tokens", type=int, default=512, help="tokens to generate (default 512)")
-    demo.add_argument("--prompt", help="the user message (default: a long-essay request)")
+    command = lambda name, text, **kwargs: commands.add_parser(  # noqa: E731
+        name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    demo = command("demo", "the full cache and momentkv side by side on one prompt: SmolLM2-135M-Instruct, offline, "
+                           "sampled answers, memory, speed and agreement (about 3 minutes on a 2-core CPU)")
+    demo.add_argument("--budget", type=int, default=64, help="decode slots per layer and KV head")
+    demo.add_argument("--new-tokens", type=int, default=512, help="tokens to generate in each pass")
+    demo.add_argument("--prompt", default=None, help="the user message (default: a long-essay request)")
+    demo.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both answers")
     demo.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
-    demo.add_argument("--json", help="also write the summary to this file")
-    bench = commands.add_parser("bench-kernels", help="decode attention vs SDPA, eviction cost (GPU; prints a table)")
+    demo.add_argument("--json", default=None, help="also write the summary and both answers to this file")
+    bench = command("bench-kernels", "decode attention against SDPA (flash, efficient) at Llama-3.1-8B head shapes, "
+                                     "and eviction's cost (GPU; prints a table)")
     bench.add_argument("--keys", default="1024,2048,4096,8192,16384,32768", help="comma-separated key counts")
     bench.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
-    bench.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    bench.add_argument("--out", help="write the results as JSON to this file")
-    bench = commands.add_parser("bench", help="end-to-end decoding speed and memory vs full cache and kvpress")
-    bench.add_argument("--model", default="smollm2", choices=["smollm2", "llama-3.1-8b-random"])
-    bench.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    bench.add_argument("--prompt-len", type=int, default=512)
+    bench.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when available")
+    bench.add_argument("--out", default=None, help="write the results as JSON to this file")
+    bench = command("bench", "end-to-end decoding speed and memory: momentkv against transformers' full caches and "
+                             "kvpress, runs interleaved")
+    bench.add_argument("--model", default="smollm2", choices=["smollm2", "llama-3.1-8b-random"],
+                       help="the real SmolLM2-135M (offline), or Llama-3.1-8B's shapes with random weights")
+    bench.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when available")
+    bench.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (random ids)")
     bench.add_argument("--lengths", default="256,512", help="generated lengths, comma-separated")
-    bench.add_argument("--budgets", default="64,256")
-    bench.add_argument("--batches", default="1")
-    bench.add_argument("--repeats", type=int, default=2)
+    bench.add_argument("--budgets", default="64,256", help="momentkv budgets, comma-separated")
+    bench.add_argument("--batches", default="1", help="batch sizes, comma-separated")
+    bench.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every run (the median is kept)")
     bench.add_argument("--systems", default="full-dynamic,full-static-compiled,momentkv-eager,momentkv-compiled,"
-                                            "kvpress-i1,kvpress-i16")
-    bench.add_argument("--kvpress-python", help="python of an environment with kvpress (transformers < 5.3)")
-    bench.add_argument("--out", help="write the results as JSON to this file")
-    bench.add_argument("--plot", help="write a tokens/s plot (PNG) to this file")
-    profile = commands.add_parser("profile-step", help="split a decode step's time: attention, eviction, rest")
-    profile.add_argument("--model", default="smollm2", choices=["smollm2", "llama-3.1-8b-random"])
-    profile.add_argument("--device", default=None)
-    profile.add_argument("--prompt-len", type=int, default=512)
-    profile.add_argument("--new-tokens", type=int, default=256)
-    profile.add_argument("--budget", type=int, default=64)
-    profile.add_argument("--batch", type=int, default=1)
-    profile.add_argument("--out", help="write the split as JSON to this file")
-    longrun = commands.add_parser("long-run", help="long generation with a small budget: flat memory, no NaN")
-    longrun.add_argument("--tokens", type=int, default=20000)
+                                            "kvpress-i1,kvpress-i16",
+                       help="comma-separated, of full-dynamic, full-static-compiled, momentkv-eager, "
+                            "momentkv-compiled, momentkv-cudagraphs (CUDA only), kvpress-i1, kvpress-i16 (kvpress only "
+                            "with --kvpress-python; see evals/bench.py)")
+    bench.add_argument("--kvpress-python", default=None,
+                       help="python of an environment with kvpress 0.5.5 (transformers < 5.3), to add its presses")
+    bench.add_argument("--out", default=None, help="write the results as JSON to this file")
+    bench.add_argument("--plot", default=None, help="write a tokens/s plot (PNG) to this file")
+    profile = command("profile-step", "split a decode step's time: attention, eviction, cache write, rest of model")
+    profile.add_argument("--model", default="smollm2", choices=["smollm2", "llama-3.1-8b-random"],
+                         help="as for bench")
+    profile.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when available")
+    profile.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (random ids)")
+    profile.add_argument("--new-tokens", type=int, default=256, help="generated tokens timed")
+    profile.add_argument("--budget", type=int, default=64, help="momentkv budget")
+    profile.add_argument("--batch", type=int, default=1, help="batch size")
+    profile.add_argument("--out", default=None, help="write the split as JSON to this file")
+    longrun = command("long-run", "a long generation with a small budget: memory flat, every number finite")
+    longrun.add_argument("--tokens", type=int, default=20000, help="tokens to generate")
     longrun.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
-    longrun.add_argument("--device", default="cpu")
-    longrun.add_argument("--budget", type=int, default=32)
-    longrun.add_argument("--out", help="write the results as JSON to this file")
-    evaluate = commands.add_parser("eval", help="fidelity of every method against the full cache (SmolLM2, offline)")
+    longrun.add_argument("--device", default="cpu", help="cpu or cuda")
+    longrun.add_argument("--budget", type=int, default=32, help="momentkv budget")
+    longrun.add_argument("--out", default=None, help="write the results as JSON to this file")
+    evaluate = command("eval", "fidelity of every method against the full cache on SmolLM2, offline", epilog=_eval_epilog())
     add_eval_arguments(evaluate)
-    models = commands.add_parser("models", help="patch a tiny model of every causal-LM architecture of the installed "
-                                                "transformers: exact or refused (writes docs/models.md)")
-    models.add_argument("--out", default="docs/models.md", help="markdown table to write (default docs/models.md)")
-    models.add_argument("--json", help="also write the outcomes as JSON to this file")
+    models = command("models", "patch a tiny model of every causal-LM architecture of the installed transformers: "
+                               "exact or refused (writes docs/models.md)")
+    models.add_argument("--out", default="docs/models.md", help="markdown table to write")
+    models.add_argument("--json", default=None, help="also write the outcomes as JSON to this file")
     models.add_argument("--only", default="", help="comma-separated model types (default: every one)")
     args = parser.parse_args(argv)
 
@@ -118,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.new_tokens < 1:
             parser.error("--new-tokens must be >= 1")
         summary = run_demo(budget=args.budget, new_tokens=args.new_tokens, prompt=args.prompt or PROMPT,
-                           compile=args.compile)
+                           compile=args.compile, seed=args.seed)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(summary, f, indent=2)
@@ -131,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         bench_main(args.out, [int(k) for k in args.keys.split(",")], [int(b) for b in args.batches.split(",")],
                    device)
     elif args.command == "bench":
-        from momentkv.evals.bench import format_table, plot, run_bench
+        from momentkv.evals.bench import SYSTEMS, format_table, plot, run_bench
         from momentkv.evals.models import bench_model
 
+        unknown = [name for name in args.systems.split(",") if name not in SYSTEMS]
+        if unknown:
+            parser.error(f"--systems: unknown {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
         model, folder = bench_model(args.model, args.device)
         ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
         result = run_bench(model, folder, args.prompt_len, ints(args.lengths), ints(args.budgets),

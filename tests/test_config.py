@@ -67,3 +67,28 @@ def test_window_may_exceed_budget_only_when_prompt_tokens_compete():
     assert MomentKVConfig(budget=8, protect_prompt=False, recent_window=100).recent_window == 100
     with pytest.raises(ValueError, match=r"recent_window must be an int in \[0, 8\]"):
         MomentKVConfig(budget=8, recent_window=100)
+
+
+PUBLISHED = {
+    "window": dict(policy="window", protect_prompt=True),
+    "streamingllm": dict(policy="window", protect_prompt=False, sinks=4),
+    "h2o": dict(policy="momentum", alpha=1.0, bias_correction=False, recent_window=32, prefill_vote=0.0),
+    "tova": dict(policy="momentum", alpha=0.0, bias_correction=False, recent_window=0, scope="head"),
+    "tova-layer": dict(alpha=0.0, recent_window=0, scope="layer"),
+    "random": dict(policy="random", prefill_vote=0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_are_the_published_rules_and_take_overrides(name):
+    from momentkv.evals.methods import method
+    from momentkv.presets import PRESETS
+
+    preset = PRESETS[name]
+    config = preset(64)
+    assert config.budget == 64 and config.correction == "none"
+    assert {key: getattr(config, key) for key in PUBLISHED[name]} == PUBLISHED[name]
+    assert method(name).config(64) == config, "the evaluation's baseline is not the preset users get"
+    assert preset(64, correction="moments").correction == "moments"
+    with pytest.raises(ValueError, match="alpha"):
+        preset(64, alpha=2.0)

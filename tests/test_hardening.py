@@ -89,7 +89,7 @@ def test_every_float_dtype_runs_and_stays_close(tiny_model, dtype):
             assert torch.equal(greedy(model, ids, mask, 24)[:, -24:], reference)
         cache = momentkv.state_of(model).cache
     assert cache.budgeted_layers[0].keys.dtype == dtype
-    assert cache.budgeted_layers[0].comoment.dtype == torch.float32, "moments stay in fp32"
+    assert cache.budgeted_layers[0].state.comoment.dtype == torch.float32, "moments stay in fp32"
     assert fidelity.top1 >= 0.95 and fidelity.kl < 1e-3, fidelity
 
 
