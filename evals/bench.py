@@ -24,6 +24,7 @@ import torch
 from transformers import CompileConfig, StaticCache, StoppingCriteriaList
 
 import momentkv
+from momentkv.patches.private_api import compile_on_any_device
 from momentkv.patching import GENERATE_CACHE_ARG
 
 SYSTEMS = ("full-dynamic", "full-static-compiled", "momentkv-eager", "momentkv-compiled", "momentkv-cudagraphs",
@@ -38,9 +39,7 @@ _COMPILE_CONFIGS: dict[str, CompileConfig] = {}
 def _compile_config(mode: str) -> CompileConfig:
     """One config object per mode: transformers keeps its compiled call while the config is the same object."""
     if mode not in _COMPILE_CONFIGS:
-        config = CompileConfig(fullgraph=True, dynamic=False, mode=mode)
-        config._compile_all_devices = True
-        _COMPILE_CONFIGS[mode] = config
+        _COMPILE_CONFIGS[mode] = compile_on_any_device(CompileConfig(fullgraph=True, dynamic=False, mode=mode))
     return _COMPILE_CONFIGS[mode]
 
 

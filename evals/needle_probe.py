@@ -45,7 +45,7 @@ def facts_first(positions: list[int], from_layer: int) -> Iterator[None]:
     """Inside, prefill compression ranks ``positions`` first in the budgeted layers numbered >= ``from_layer``
     (in the order they score their prompt, which is model order); sinks and the recent window stay first.
     Meant for ``prefill_vote=0``: a vote would carry the oracle's choice into the layers below ``from_layer``."""
-    score = budgeted_cache.eviction_score
+    score = budgeted_cache.prompt_score
     layer = [-1]
 
     def oracle_score(*args: Any) -> torch.Tensor:
@@ -56,7 +56,7 @@ def facts_first(positions: list[int], from_layer: int) -> Iterator[None]:
             value[..., positions] = FACT_SCORE
         return value
 
-    with mock.patch.object(budgeted_cache, "eviction_score", oracle_score):
+    with mock.patch.object(budgeted_cache, "prompt_score", oracle_score):
         yield
 
 

@@ -145,10 +145,62 @@ def plot(results: Results, workload: str, metric: str, label: str, path: Path) -
     plt.close(fig)
 
 
+# The README's picture: momentkv's two modes against the best peers at equal memory, and the full cache.
+HEADLINE = {"momentkv-open": "momentkv, prompt tokens compete", "momentkv": "momentkv, prompt kept (default)",
+            "streamingllm+moments": "StreamingLLM + moment correction", "window+moments": "window + moment correction",
+            "kvpress-tova": "kvpress TOVAPress (every step)"}
+
+
+def headline(results: Results, path: Path) -> bool:
+    """Top-1 agreement and KL against cache size, long generation: each method's points at its budgets, the
+    full cache at its own size. Returns False (writes nothing) if the results lack that workload."""
+    if "long-generation" not in tables(results):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, columns, cells = tables(results)["long-generation"]
+    full = [cells[("full", c)] for c in columns if ("full", c) in cells]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (metric, label) in zip(axes, (("top1", "top-1 agreement with the full cache, %"),
+                                          ("kl", "KL(full || compressed), log scale"))):
+        for i, (name, legend) in enumerate(HEADLINE.items()):
+            points = sorted((cells[(name, c)]["cache_tokens"], cells[(name, c)][metric]) for c in columns
+                            if metric in cells.get((name, c), {}))
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, [100 * y if metric == "top1" else y for y in ys], marker="os^Dv"[i], label=legend,
+                        linewidth=2.5 if name.startswith("momentkv") else 1.2)
+        if full:
+            ax.axvline(full[0]["cache_tokens"], color="black", linestyle="--", linewidth=1)
+            ax.annotate(f"full cache: {full[0]['cache_tokens']:.0f}", (full[0]["cache_tokens"], 0.5),
+                        xycoords=("data", "axes fraction"), rotation=90, ha="right", va="center", fontsize=8)
+        ax.set_xscale("log", base=2)
+        if metric == "kl":
+            ax.set_yscale("log")
+        ax.set_xlabel("KV cache tokens per layer and head at the end (memory)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    settings = results.data.get("settings", {})
+    fig.suptitle(f"{results.data.get('environment', {}).get('model', 'model')}: {settings.get('prompts')} prompts x "
+                 f"{settings.get('new_tokens')} generated tokens, teacher-forced along the full cache", fontsize=10)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(results: Results) -> list[Path]:
-    """``<out>.md`` beside the results file, and one PNG per workload and metric with budget columns."""
+    """``<out>.md`` beside the results file, one PNG per workload and metric with budget columns, and the
+    headline picture."""
     written = [results.path.with_suffix(".md")]
     written[0].write_text(markdown(results))
+    picture = results.path.with_name(f"{results.path.stem}-headline.png")
+    if headline(results, picture):
+        written.append(picture)
     for workload, (methods, columns, _) in tables(results).items():
         if workload == "retrieval" or not any(c.isdigit() for c in columns):
             continue

@@ -22,6 +22,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from momentkv.config import MomentKVConfig
 from momentkv.patches import MomentKVCache, UnsupportedAttention, make_attention, own_attention
+from momentkv.patches.private_api import attention_implementation, compile_on_any_device, unregister
 from momentkv.patches.support import refusal
 
 _ATTR = "_momentkv"
@@ -80,7 +81,7 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
         raise TypeError(f"compile must be None, True or False, got {compile!r}")
     _check_bounds(config, _context_length(model))
 
-    original = model.config._attn_implementation
+    original = attention_implementation(model)
     states = _REUSABLE.setdefault(model, {})
     state = states.get((config, original))
     if state is None:
@@ -158,17 +159,12 @@ def _refuse_pickling(protocol: int) -> None:
 
 def unpatch(model: PreTrainedModel) -> PreTrainedModel:
     """Undo :func:`patch`: the model's attention and ``generate`` are as before; returns the model."""
-    if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    state = getattr(model, _ATTR, None)
-    if state is None:
-        raise ValueError("model is not patched by momentkv (momentkv.patch was not called on it)")
+    state = state_of(model)
     model.set_attn_implementation(state.original_attention)
     for name in _INSTANCE_ATTRS:
         model.__dict__.pop(name, None)
     state.cache = state.active = None  # free the buffers; the state itself is kept for a later patch
-    AttentionInterface._global_mapping.pop(state.name, None)
-    AttentionMaskInterface._global_mapping.pop(state.name, None)
+    unregister(state.name)
     return model
 
 
@@ -188,7 +184,7 @@ def state_of(model: PreTrainedModel) -> PatchState:
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     state = getattr(model, _ATTR, None)
     if state is None:
-        raise ValueError("model is not patched by momentkv")
+        raise ValueError("model is not patched by momentkv (momentkv.patch was not called on it)")
     return state
 
 
@@ -285,6 +281,5 @@ def _cache_for(model: PreTrainedModel, state: PatchState, batch: int, length: in
 
 def _compile_config(model: PreTrainedModel) -> CompileConfig:
     on_cuda = model.device.type == "cuda"
-    config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if on_cuda else "default")
-    config._compile_all_devices = True  # transformers' flag to compile the decode step off CUDA
-    return config
+    return compile_on_any_device(CompileConfig(fullgraph=True, dynamic=False,
+                                               mode="reduce-overhead" if on_cuda else "default"))

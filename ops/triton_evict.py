@@ -21,6 +21,7 @@ BLOCK_S = 128
 
 @triton.jit
 def _hash_uniform(age, draw, head, seed):
+    # scores.hash_uniform line for line (a Triton kernel cannot call torch code); tested equal through evict.
     x = age * 0x9E3779B1 + draw * 0x85EBCA77 + head.to(tl.int64) * 0x27D4EB2F + seed
     x = x & 0xFFFFFFFF
     x = x ^ (x >> 15)

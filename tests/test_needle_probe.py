@@ -28,10 +28,10 @@ def test_the_oracle_keeps_every_fact_token_from_its_first_layer_on():
     config = method("momentkv").config(32, prefill_budget=128, prefill_vote=0.0)
     own = kept_fractions(model, ids, facts, config)
     assert len(own) == model.config.num_hidden_layers and all(0 <= f <= 1 for row in own for f in row)
-    engine = budgeted_cache.eviction_score
+    engine = budgeted_cache.prompt_score
     with facts_first(facts, 10):
         oracle = kept_fractions(model, ids, facts, config)
-    assert budgeted_cache.eviction_score is engine
+    assert budgeted_cache.prompt_score is engine
     assert all(f == 1.0 for row in oracle[10:] for f in row)
     assert oracle[:10] == own[:10]  # below its first layer the method's own choice stands
     assert min(min(row) for row in own) < 1.0  # at 4x the scoring alone loses some fact tokens
