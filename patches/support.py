@@ -18,7 +18,10 @@ BOUNDED = ("sliding_attention", "chunked_attention", "conv", "linear_attention",
 
 def layer_types(model_config) -> tuple[list[str], list[dict]]:
     """The cache layer kind of each decoder layer, and the arguments of its cache layer (transformers' view)."""
-    return get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))
+    kinds, kwargs = get_layer_types_and_kwargs(model_config.get_text_config(decoder=True))
+    if isinstance(kwargs, dict):  # transformers before 5.24: one dict for every layer
+        kwargs = [kwargs] * len(kinds)
+    return kinds, kwargs
 
 
 def model_type(model: PreTrainedModel) -> str:

@@ -241,3 +241,19 @@ def test_tiny_models_are_sensitive_to_the_cache(tiny_model, arch):
         squeezed = greedy(model, ids, mask, 40)
     assert expected[:, ids.shape[1]:].unique().numel() > 8
     assert not torch.equal(squeezed, expected)
+
+
+def test_cache_layers_from_transformers_517_layer_kwargs(tiny_model):
+    """transformers before 5.24 gives one kwargs dict for every layer, not a list per layer: zipping the
+    dict's keys with the layers once built a cache with fewer layers than the model (IndexError on the
+    GPU image's transformers 5.17)."""
+    from momentkv.patches import support
+
+    model = tiny_model("gemma3")
+    kinds, per_layer = support.get_layer_types_and_kwargs(model.config)
+    shared = per_layer[0] if isinstance(per_layer, list) else per_layer
+    with mock.patch.object(support, "get_layer_types_and_kwargs", lambda config: (kinds, dict(shared))):
+        cache = momentkv.MomentKVCache(model.config, momentkv.MomentKVConfig(budget=4), prompt_slots=8)
+    assert len(cache.layers) == model.config.num_hidden_layers
+    assert [type(layer).__name__ for layer in cache.layers] == ["StaticSlidingWindowLayer", "BudgetedLayer",
+                                                                "StaticSlidingWindowLayer"]
