@@ -30,7 +30,7 @@ from momentkv.patching import GENERATE_CACHE_ARG
 SYSTEMS = ("full-dynamic", "full-static-compiled", "momentkv-eager", "momentkv-compiled", "momentkv-cudagraphs",
            "kvpress-i1", "kvpress-i16")
 
-from .kernel_bench import _versions
+from .provenance import versions
 from .step_timer import StepTimer, kv_bytes
 
 _COMPILE_CONFIGS: dict[str, CompileConfig] = {}
@@ -53,11 +53,12 @@ def _generate(model, ids, new_tokens: int, timer: StepTimer | None, full_cache: 
 
 
 def run_system(system: str, model, ids, new_tokens: int, budget: int, kvpress_python: str | None,
-               model_folder: str, timed: bool = True) -> dict[str, Any]:
+               model_folder: str, timed: bool = True, deadline: float | None = None) -> dict[str, Any]:
     """One generation of ``new_tokens`` tokens; returns timings and memory (or an 'error').
 
     ``model`` is patched by momentkv with ``budget``; full-cache systems bypass momentkv's ``generate``,
-    which leaves the model's own attention in charge."""
+    which leaves the model's own attention in charge. A ``deadline`` (``time.perf_counter()``) stops the
+    generation early: ``decode_steps`` then says how far it got."""
     batch, prompt_len = ids.shape
     device = ids.device
     tokens = new_tokens if timed else 4
@@ -74,7 +75,7 @@ def run_system(system: str, model, ids, new_tokens: int, budget: int, kvpress_py
         return json.loads(done.stdout.strip().splitlines()[-1])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timer = StepTimer(device)
+    timer = StepTimer(device, deadline)
     if system == "full-dynamic":
         out = _generate(model, ids, tokens, timer, full_cache=True, disable_compile=True)
         result = dict(kv_bytes=kv_bytes(getattr(out, GENERATE_CACHE_ARG)))
@@ -125,7 +126,7 @@ def run_bench(model, model_folder: str, prompt_len: int, lengths: list[int], bud
                 rows.extend(_summarise(samples, batch, prompt_len, new_tokens, budget))
     return dict(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
                 threads=torch.get_num_threads(), dtype=str(model.dtype), model=model.config.model_type,
-                prompt_len=prompt_len, repeats=repeats, versions=_versions(), rows=rows)
+                prompt_len=prompt_len, repeats=repeats, versions=versions(), rows=rows)
 
 
 def _summarise(samples: dict, batch: int, prompt_len: int, new_tokens: int, budget: int) -> list[dict]:

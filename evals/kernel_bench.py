@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
+import time
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -23,6 +23,8 @@ from momentkv.ops import MOMENTUM
 from momentkv.ops.kernels import Route
 from momentkv.ops.layer import LayerState, attend, evict
 
+from .provenance import versions
+
 DATASHEET_TBPS = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H200": 4.8, "H100 NVL": 3.9}
 L2_ROTATION_BYTES = 256 * 2**20  # rotate input sets until this much is in play, so timings do not measure L2
 
@@ -32,7 +34,6 @@ def _timer(device: torch.device):
         from triton.testing import do_bench
 
         return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-    import time
 
     def cpu_time(fn) -> float:
         fn()
@@ -111,15 +112,20 @@ def _check(query: torch.Tensor, state: LayerState) -> float:
 
 
 def run_kernel_bench(keys_list: list[int], batches: list[int], device: str = "cuda",
-                     dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+                     dtype: torch.dtype = torch.bfloat16, deadline: float | None = None) -> dict[str, Any]:
+    """Every (batch, keys) row, in that order; with a ``deadline`` (``time.perf_counter()``), rows not started
+    by then are listed as skipped."""
     dev = torch.device(device)
     timer = _timer(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     datasheet = next((v for k, v in DATASHEET_TBPS.items() if k in name), None)
     copy_tbps = _copy_tbps(dev, timer)
-    rows = []
+    rows, skipped = [], []
     for batch in batches:
         for keys in keys_list:
+            if deadline is not None and time.perf_counter() > deadline:
+                skipped.append(dict(batch=batch, keys=keys))
+                continue
             sets, kv_bytes = _inputs(batch, keys, dtype, dev)
             error = _check(*sets[0])
             row = dict(batch=batch, keys=keys, kv_bytes=kv_bytes, rel_error=error)
@@ -152,27 +158,8 @@ def run_kernel_bench(keys_list: list[int], batches: list[int], device: str = "cu
             del sets, evict_sets
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    return dict(device=name, datasheet_tbps=datasheet, copy_tbps=copy_tbps, dtype=str(dtype), rows=rows,
-                versions=_versions(), shapes="32 query heads, 8 KV heads, head_dim 128, one query per sequence")
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import triton
-
-        versions["triton"] = triton.__version__
-    except ImportError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip()
-        versions["commit"] = commit or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        versions["commit"] = "unknown"
-    return versions
+    return dict(device=name, datasheet_tbps=datasheet, copy_tbps=copy_tbps, dtype=str(dtype), rows=rows, skipped=skipped,
+                versions=versions(), shapes="32 query heads, 8 KV heads, head_dim 128, one query per sequence")
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -17,17 +17,20 @@ def rss_bytes() -> int:
 
 
 class StepTimer(StoppingCriteria):
-    """Called once per generated token: the first call follows the prefill, the rest each decode step."""
+    """Called once per generated token: the first call follows the prefill, the rest each decode step.
+    With a ``deadline`` (a ``time.perf_counter()`` value) it stops the generation once that has passed."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, deadline: float | None = None):
         self.device, self.times, self.rss_start, self.rss_peak = device, [], rss_bytes(), 0
+        self.deadline = deadline
 
     def __call__(self, input_ids, scores, **kwargs):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.times.append(time.perf_counter())
         self.rss_peak = max(self.rss_peak, rss_bytes())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        late = self.deadline is not None and self.times[-1] > self.deadline
+        return torch.full((input_ids.shape[0],), late, dtype=torch.bool, device=input_ids.device)
 
     def summary(self, batch: int) -> dict:
         steps = [b - a for a, b in zip(self.times, self.times[1:])]

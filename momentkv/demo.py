@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import transformers
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 import momentkv
 from momentkv.evals.fidelity import stream
 from momentkv.evals.models import chat_prompt, load_smollm2
+from momentkv.evals.provenance import versions
 
 PROMPT = ("Write a long, detailed essay on the history of the printing press: its inventors, how it spread "
           "across Europe, and how it changed science, religion and politics.")
@@ -124,8 +124,7 @@ def run_demo(budget: int = 64, new_tokens: int = 512, prompt: str = PROMPT, comp
     print(f"agreement: along the full cache's answer, momentkv's most likely next token is the full cache's at "
           f"{100 * agreement:.1f}% of {len(full.tokens)} steps")
     return {
-        "versions": {"momentkv": momentkv.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": versions(),
         "device": f"cpu, {torch.get_num_threads()} threads" if model.device.type == "cpu" else str(model.device),
         "budget": budget,
         "compile": compile,

@@ -97,7 +97,8 @@ def evict(state: LayerState, *, budget: int, policy: int, bias_correction: bool,
          bias_correction, recent_window, cap_window, shared, seed, fold, state.value_range, route=route)
 
 
-def score_prompt(query: Tensor, keys: Tensor, key_valid: Tensor, *, scale: float, alpha: float) -> tuple[Tensor, Tensor]:
+def score_prompt(query: Tensor, keys: Tensor, key_valid: Tensor, *, scale: float, alpha: float,
+                 route: Route = "kernel") -> tuple[Tensor, Tensor]:
     """``momentkv::prefill_scores``: (importance, normalizer) [B, H, L] of prompt keys [B, H, L, Dk] from the last
     prompt queries [B, Hq, W, Dk]; key_valid bool [B, L]."""
-    return call("prefill_scores", query, keys, key_valid, scale, alpha)
+    return call("prefill_scores", query, keys, key_valid, scale, alpha, route=route)

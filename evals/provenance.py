@@ -1,0 +1,40 @@
+"""What every committed result records about where it came from: versions and commit."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def commit() -> str:
+    """The checked-out commit (``MOMENTKV_COMMIT`` where the tree travels without its git folder), or "unknown"."""
+    if os.environ.get("MOMENTKV_COMMIT"):
+        return os.environ["MOMENTKV_COMMIT"]
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent)
+        return done.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    """Python, torch (and its CUDA), transformers, Triton (or "absent"), momentkv, and the commit."""
+    import transformers
+
+    import momentkv
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda),
+             "transformers": transformers.__version__, "momentkv": momentkv.__version__}
+    try:
+        import triton
+
+        found["triton"] = triton.__version__
+    except ImportError:
+        found["triton"] = "absent"
+    found["commit"] = commit()
+    return found
