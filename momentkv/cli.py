@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     command = lambda name, text, **kwargs: commands.add_parser(  # noqa: E731
         name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
     demo = command("demo", "the full cache and momentkv side by side on one prompt: SmolLM2-135M-Instruct, offline, "
-                           "sampled answers, memory, speed and agreement (about 3 minutes on a 2-core CPU)")
+                           "sampled answers, memory, speed and agreement (about 2 minutes on a 2-core CPU)")
     demo.add_argument("--budget", type=int, default=64, help="decode slots per layer and KV head")
     demo.add_argument("--new-tokens", type=int, default=512, help="tokens to generate in each pass")
     demo.add_argument("--prompt", default=None, help="the user message (default: a long-essay request)")

@@ -89,7 +89,7 @@ def run_demo(budget: int = 64, new_tokens: int = 512, prompt: str = PROMPT, comp
     """Generate with the full cache and with momentkv, print both answers side by side and a summary;
     returns the summary."""
     print(f"momentkv demo: SmolLM2-135M-Instruct, offline. {PASSES} passes of up to {new_tokens} tokens (full cache, "
-          f"momentkv with budget {budget}, momentkv along the full cache's answer); about 3 minutes on a 2-core "
+          f"momentkv with budget {budget}, momentkv along the full cache's answer); about 2 minutes on a 2-core "
           "CPU at the defaults, an estimate follows the warm-up.", flush=True)
     model, tokenizer = load()
     inputs = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt").to(model.device)
