@@ -22,6 +22,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from momentkv.config import MomentKVConfig
 from momentkv.patches import MomentKVCache, UnsupportedAttention, make_attention, own_attention
+from momentkv.patches.parallel import ONE_PROCESS, HeadGroup, head_group
 from momentkv.patches.private_api import attention_implementation, compile_on_any_device, unregister
 from momentkv.patches.support import refusal
 
@@ -42,6 +43,7 @@ class PatchState:
     original_attention: str
     compile: bool | None
     mask: Callable = field(repr=False)
+    heads: HeadGroup = field(default=ONE_PROCESS, repr=False)  # the tensor-parallel ranks holding the other heads
     attention: Callable | None = field(default=None, repr=False)
     cache: MomentKVCache | None = None
     active: MomentKVCache | None = field(default=None, repr=False)
@@ -80,6 +82,10 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
     if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"compile must be None, True or False, got {compile!r}")
     _check_bounds(config, _context_length(model))
+    heads = head_group(model)
+    if heads.size > 1 and config.scope == "layer":
+        raise ValueError(f"scope='layer' is not supported with tensor parallelism ({heads.size} ranks): it shares one "
+                         "victim across a layer's KV heads, which the ranks hold apart; use scope='head' (the default)")
 
     original = attention_implementation(model)
     states = _REUSABLE.setdefault(model, {})
@@ -88,7 +94,7 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
         fallback = own_attention(original)
         mask = ALL_MASK_ATTENTION_FUNCTIONS[original] if original in ALL_MASK_ATTENTION_FUNCTIONS else sdpa_mask
         state = PatchState(config=config, name=f"momentkv_{next(_names)}", original_attention=original,
-                           compile=compile, mask=mask)
+                           compile=compile, mask=mask, heads=heads)
         state.attention = make_attention(lambda: state.active, fallback)
         states[(config, original)] = state
     state.compile = compile
@@ -275,7 +281,7 @@ def _cache_for(model: PreTrainedModel, state: PatchState, batch: int, length: in
     if cache is not None and cache.fits(batch, slots, dtype, device):
         cache.reset()
     else:
-        cache = state.cache = MomentKVCache(model.config, state.config, slots, dtype)
+        cache = state.cache = MomentKVCache(model.config, state.config, slots, dtype, state.heads)
     return cache
 
 

@@ -10,6 +10,8 @@ tested against it.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -60,9 +62,14 @@ def head_share(score: Tensor) -> Tensor:
     return score / score.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
-def vote(scores: list[Tensor]) -> Tensor:
-    """[B, L]: the voting layers' prompt scores, each head's as a share of its total, averaged over heads and layers."""
-    return torch.stack([head_share(score).mean(1) for score in scores]).mean(0)
+def vote(scores: list[Tensor], sum_over_ranks: Callable[[Tensor], Tensor] | None = None, ranks: int = 1) -> Tensor:
+    """[B, L]: the voting layers' prompt scores [B, H, L], each head's as a share of its total, averaged over heads
+    and layers. Under tensor parallelism each of ``ranks`` ranks holds some heads: ``sum_over_ranks`` adds up
+    the ranks' sums, so that every rank gets the vote of all heads."""
+    total = torch.stack([head_share(score).sum(1) for score in scores]).sum(0)
+    if sum_over_ranks is not None:
+        total = sum_over_ranks(total)
+    return total / (len(scores) * scores[0].shape[1] * ranks)
 
 
 def select_prompt(score: Tensor, valid: Tensor, slots: int, sinks: int, recent_window: int,

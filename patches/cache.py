@@ -20,6 +20,7 @@ from momentkv.ops.layer import LayerState, score_prompt
 from momentkv.ops.moments import merge_range, merge_set
 from momentkv.ops.selection import prompt_score, select_prompt, sink_mask, vote
 
+from .parallel import ONE_PROCESS, HeadGroup
 from .support import BOUNDED, BUDGETED, layer_types
 
 
@@ -183,7 +184,8 @@ class MomentKVCache(Cache):
     """A transformers ``Cache`` whose full-attention layers are budgeted; sliding-window, chunked,
     linear-attention and convolution layers keep transformers' own static layers (already bounded)."""
 
-    def __init__(self, model_config, config: MomentKVConfig, prompt_slots: int, dtype: torch.dtype | None = None):
+    def __init__(self, model_config, config: MomentKVConfig, prompt_slots: int, dtype: torch.dtype | None = None,
+                 heads: HeadGroup = ONE_PROCESS):
         kinds, kinds_kwargs = layer_types(model_config)
         layers: list[CacheLayerMixin] = []
         for kind, kwargs in zip(kinds, kinds_kwargs):
@@ -199,6 +201,7 @@ class MomentKVCache(Cache):
         # The compute dtype of the call that made this cache (the model's, or autocast's): under autocast
         # keys and values may come in different dtypes, so the buffers' dtypes alone cannot say what fits.
         self.call_dtype = dtype
+        self.heads = heads  # the ranks that hold the other KV heads, under tensor parallelism
 
     @property
     def budgeted_layers(self) -> list[BudgetedLayer]:
@@ -216,7 +219,8 @@ class MomentKVCache(Cache):
             layer.write_prompt()
         elif layer is self.budgeted_layers[-1]:
             layers = self.budgeted_layers
-            model_vote = vote([voter.pending.score for voter in layers[int(self.config.vote_depth * len(layers)):]])
+            voters = layers[int(self.config.vote_depth * len(layers)):]
+            model_vote = vote([voter.pending.score for voter in voters], self.heads.sum, self.heads.size)
             for each in layers:
                 each.write_prompt(model_vote)
 

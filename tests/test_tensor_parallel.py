@@ -1,0 +1,66 @@
+"""Tensor parallelism through transformers (``tp_plan="auto"``, torchrun, 2 CPU processes, gloo): every rank
+keeps exactly the tokens one process keeps, with and without eviction, with the prefill vote combining heads
+that the ranks hold apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available()
+                                or shutil.which("torchrun") is None, reason="needs torch.distributed with gloo")
+
+MODELS = {  # name -> (config class, model class, options): 4 KV heads, 2 per rank
+    "llama-gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_attention_heads=8, num_key_value_heads=4)),
+    "llama-mha": ("LlamaConfig", "LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "qwen2-gqa": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_attention_heads=8, num_key_value_heads=4)),
+}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    folders = {}
+    for name, (config_name, model_name, options) in MODELS.items():
+        config = getattr(transformers, config_name)(
+            vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, max_position_embeddings=256,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2, **options)
+        torch.manual_seed(0)
+        getattr(transformers, model_name)(config).save_pretrained(root / name)
+        folders[name] = (str(root / name), model_name)
+    worker = Path(__file__).with_name("tensor_parallel_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29533", str(worker),
+                           json.dumps(folders), str(root)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_each_rank_holds_half_the_heads(ranks, model):
+    assert all(rank[model]["ranks"] == 2 and rank[model]["kv_heads_per_rank"] == 2 for rank in ranks)
+
+
+@pytest.mark.parametrize("case", ["covering", "evicting", "prefill-vote", "prefill-alone"])
+@pytest.mark.parametrize("model", MODELS)
+def test_sharded_tokens_and_logits_equal_one_process(ranks, model, case):
+    for rank in ranks:
+        row = rank[model][case]
+        assert row["tokens_equal_one_process"], (model, case, row)
+        assert row["max_logit_difference"] < 1e-4, (model, case, row)
+    assert ranks[0][model][case]["tokens"] == ranks[1][model][case]["tokens"]
+    if case == "covering":
+        assert ranks[0][model][case]["tokens_equal_unpatched"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_layer_scope_is_refused_under_tensor_parallelism(ranks, model):
+    assert all("scope='layer' is not supported with tensor parallelism" in rank[model]["layer_scope"] for rank in ranks)
