@@ -11,6 +11,8 @@ import torch.distributed as dist
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from .private_api import device_mesh
+
 
 @dataclass(frozen=True)
 class HeadGroup:
@@ -32,17 +34,23 @@ ONE_PROCESS = HeadGroup()
 
 
 def head_group(model: PreTrainedModel) -> HeadGroup:
-    """The tensor-parallel group of ``model``, found from the device mesh of its sharded weights (DTensors
-    on a mesh with a "tp" dimension); :data:`ONE_PROCESS` when nothing is sharded that way."""
+    """The tensor-parallel group of ``model`` (:data:`ONE_PROCESS` if it is not sharded by heads): the "tp"
+    dimension of the device mesh of its sharded weights (DTensors, transformers 5.24), else of the mesh
+    transformers kept on the model (5.17)."""
     from torch.distributed.tensor import DTensor
 
-    for parameter in model.parameters():
-        if isinstance(parameter, DTensor):
-            mesh = parameter.device_mesh
-            names = mesh.mesh_dim_names or ()
-            if "tp" in names and mesh.size(names.index("tp")) > 1:
-                return HeadGroup(mesh.get_group("tp"), mesh.size(names.index("tp")))
-    if dist.is_available() and dist.is_initialized() and (getattr(model, "tp_size", None) or 1) > 1:
-        raise ValueError("momentkv cannot find the tensor-parallel group of this model (it is sharded, but none of "
-                         "its weights is a DTensor on a mesh with a 'tp' dimension)")
-    return ONE_PROCESS
+    if (getattr(model, "tp_size", None) or 1) == 1:
+        return ONE_PROCESS
+    meshes = [p.device_mesh for p in model.parameters() if isinstance(p, DTensor)] + [device_mesh(model)]
+    for mesh in meshes:
+        if mesh is None:
+            continue
+        names = mesh.mesh_dim_names or ()
+        if "tp" in names:
+            mesh = mesh["tp"] if mesh.ndim > 1 else mesh
+        elif mesh.ndim > 1:
+            continue
+        if mesh.size() > 1:
+            return HeadGroup(mesh.get_group(), mesh.size())
+    raise ValueError(f"momentkv cannot find the tensor-parallel group of this model (tp_size={model.tp_size}, but no "
+                     "device mesh with a 'tp' dimension on its weights or the model)")

@@ -23,6 +23,13 @@ def unregister(name: str) -> None:
     AttentionMaskInterface._global_mapping.pop(name, None)
 
 
+def device_mesh(model: PreTrainedModel):
+    """The device mesh a model was sharded over (tensor, data or pipeline parallelism), or None: transformers
+    keeps it in ``model._device_mesh``; before 5.24 its tensor-parallel weights are plain tensors, so the
+    mesh is not found from them."""
+    return getattr(model, "_device_mesh", None)
+
+
 def compile_on_any_device(config: CompileConfig) -> CompileConfig:
     """``config`` with transformers' flag that compiles the decode step on every device, not only on
     CUDA/XPU/TPU/Neuron (no public option says so); returns it."""
