@@ -36,8 +36,19 @@ def generate(model, ids, mask, **options):
     return out.sequences, torch.stack(out.logits, 1)
 
 
+def refusal(folder: str, model_class: str) -> str:
+    """What patching says to a model whose KV heads the ranks cannot share equally."""
+    model = getattr(transformers, model_class).from_pretrained(folder, dtype=torch.float32, **SHARDED).eval()
+    try:
+        momentkv.patch(model, budget=4)
+    except ValueError as error:
+        return str(error)
+    return "accepted"
+
+
 def main(folders: dict[str, str], out: str) -> None:
     rank = int(os.environ["RANK"])
+    uneven = folders.pop("uneven")
     ids = torch.tensor([[0, 0, 0, 5, 9, 13, 17, 21, 25, 29, 33, 37], [3, 7, 11, 15, 19, 23, 27, 31, 35, 39, 43, 47]])
     mask = (torch.arange(12)[None] >= torch.tensor([[3], [0]])).long()
     results = {}
@@ -64,6 +75,7 @@ def main(folders: dict[str, str], out: str) -> None:
         except ValueError as error:
             row["layer_scope"] = str(error)
         results[name] = row
+    results["uneven"] = refusal(*uneven)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
 

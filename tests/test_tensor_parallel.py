@@ -22,16 +22,18 @@ MODELS = {  # name -> (config class, model class, options): 4 KV heads, 2 per ra
     "llama-mha": ("LlamaConfig", "LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=4)),
     "qwen2-gqa": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_attention_heads=8, num_key_value_heads=4)),
 }
+UNEVEN = dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=96)  # 3 KV heads cannot be split over 2 ranks
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     folders = {}
-    for name, (config_name, model_name, options) in MODELS.items():
-        config = getattr(transformers, config_name)(
-            vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, max_position_embeddings=256,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2, **options)
+    for name, (config_name, model_name, options) in {**MODELS, "uneven": ("LlamaConfig", "LlamaForCausalLM",
+                                                                           UNEVEN)}.items():
+        config = getattr(transformers, config_name)(**{
+            **dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, max_position_embeddings=256,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2), **options})
         torch.manual_seed(0)
         getattr(transformers, model_name)(config).save_pretrained(root / name)
         folders[name] = (str(root / name), model_name)
@@ -58,6 +60,10 @@ def test_sharded_tokens_and_logits_equal_one_process(ranks, model, case):
     assert ranks[0][model][case]["tokens"] == ranks[1][model][case]["tokens"]
     if case == "covering":
         assert ranks[0][model][case]["tokens_equal_unpatched"]
+
+
+def test_kv_heads_the_ranks_cannot_share_equally_are_refused_at_patch(ranks):
+    assert all("3 KV heads sharded over 2 tensor-parallel ranks" in rank["uneven"] for rank in ranks)
 
 
 @pytest.mark.parametrize("model", MODELS)
