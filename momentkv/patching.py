@@ -88,9 +88,6 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
         raise ValueError(f"momentkv cannot patch a model with {kv_heads} KV heads sharded over {heads.size} "
                          "tensor-parallel ranks: the ranks must hold equal shares of the KV heads (transformers' own "
                          "attention fails on this split too); use a tensor-parallel degree that divides the KV heads")
-    if heads.size > 1 and config.scope == "layer":
-        raise ValueError(f"scope='layer' is not supported with tensor parallelism ({heads.size} ranks): it shares one "
-                         "victim across a layer's KV heads, which the ranks hold apart; use scope='head' (the default)")
 
     original = attention_implementation(model)
     states = _REUSABLE.setdefault(model, {})

@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from .moments import fold_range, fold_token
-from .scores import eviction_score
-from .selection import keep_rank, window_cap
+from .selection import eviction_rank
 
 
 def evict_reference(
@@ -39,6 +38,7 @@ def evict_reference(
     seed: int,
     fold: bool,
     value_range: Tensor | None = None,
+    rank: Tensor | None = None,
 ) -> None:
     """keys [B, H, S, Dk], values [B, H, S, Dv]; valid, evictable bool [B, H, S]; importance,
     normalizer fp32 [B, H, S]; positions int64 [B, H, S]; moments as in decode_attention;
@@ -50,24 +50,15 @@ def evict_reference(
     ``window_cap(m)`` of the ``m`` evictable slots a head holds (with ``shared``, that every head holds),
     so the score always chooses among some. ``shared`` averages scores over heads and evicts one slot
     per sequence in every head. ``fold`` keeps the moments (off when no correction is used), and
-    ``value_range`` [B, H, 2, Dv], if given, the range of the evicted values.
+    ``value_range`` [B, H, 2, Dv], if given, the range of the evicted values. ``rank`` [B, H, S] float64, if
+    given, replaces the op's own ``selection.eviction_rank`` (tensor parallelism with ``shared``: the rank
+    over every rank's heads).
     The plain-PyTorch kernel: runs on every device and is the reference for the others."""
-    over = decode_len > budget
-    evictable = valid & evictable
-    window = recent_window
-    if cap_window:
-        held = (evictable.all(dim=1, keepdim=True) if shared else evictable).sum(-1, keepdim=True)
-        window = window_cap(held).clamp_max(recent_window)
-    recent = positions >= seen - window
-    score = eviction_score(policy, importance, normalizer, positions, seen, decode_len, bias_correction, seed)
-    age = positions
-    if shared:  # one victim per sequence: a slot is scored by its heads' mean, and recent if recent in any
-        recent = (evictable & recent).any(dim=1, keepdim=True).expand_as(recent)
-        evictable = evictable.all(dim=1, keepdim=True).expand_as(evictable)
-        score = score.mean(dim=1, keepdim=True).expand_as(score)
-        age = positions.to(torch.float32).mean(dim=1, keepdim=True).expand_as(score)
-    victim = keep_rank(score, age, recent).masked_fill(~evictable, float("inf")).argmin(dim=-1)
-    gate = over & evictable.any(dim=-1)
+    if rank is None:
+        rank = eviction_rank(policy, importance, normalizer, positions, valid, evictable, seen, decode_len,
+                             bias_correction, seed, recent_window, cap_window, shared)
+    victim = rank.argmin(dim=-1)
+    gate = (decode_len > budget) & torch.isfinite(rank).any(dim=-1)
     slot = victim[..., None]
     valid.scatter_(-1, slot, valid.gather(-1, slot) & ~gate[..., None])
     free_slot.copy_(torch.where(gate, victim, free_slot))
@@ -87,5 +78,5 @@ evict = torch.library.custom_op(
 @evict.register_fake
 def _(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, comoment, free_slot,
       decode_len, seen, budget, policy, bias_correction, recent_window, cap_window, shared, seed, fold,
-      value_range=None):
+      value_range=None, rank=None):
     return None

@@ -89,12 +89,14 @@ def attend(state: LayerState, query: Tensor, *, scale: float, alpha: float, corr
 
 
 def evict(state: LayerState, *, budget: int, policy: int, bias_correction: bool, recent_window: int,
-          cap_window: bool, shared: bool, seed: int, fold: bool, route: Route = "kernel") -> None:
+          cap_window: bool, shared: bool, seed: int, fold: bool, rank: Tensor | None = None,
+          route: Route = "kernel") -> None:
     """``momentkv::evict``: once more than ``budget`` decode tokens are written, drop each head's last slot in the
-    keep order (one per sequence if ``shared``) and, if ``fold``, add it to the moments."""
+    keep order (one per sequence if ``shared``) and, if ``fold``, add it to the moments. ``rank``: the keep order
+    computed outside (``selection.eviction_rank`` over every tensor-parallel rank's heads)."""
     call("evict", state.keys, state.values, state.valid, state.evictable, state.importance, state.normalizer,
          state.positions, *state.moments, state.free_slot, state.decode_len, state.seen, budget, policy,
-         bias_correction, recent_window, cap_window, shared, seed, fold, state.value_range, route=route)
+         bias_correction, recent_window, cap_window, shared, seed, fold, state.value_range, rank, route=route)
 
 
 def score_prompt(query: Tensor, keys: Tensor, key_valid: Tensor, *, scale: float, alpha: float,

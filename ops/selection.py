@@ -40,6 +40,36 @@ def keep_rank(score: Tensor, positions: Tensor, recent: Tensor, protected: Tenso
     return tier.double() * _TIER_GAP + within
 
 
+Combine = Callable[[Tensor, str], Tensor]  # (tensor, "sum" | "min" | "max") -> the same over every rank
+
+
+def eviction_rank(policy: int, importance: Tensor, normalizer: Tensor, positions: Tensor, valid: Tensor,
+                  evictable: Tensor, seen: Tensor, draw: Tensor, bias_correction: bool, seed: int, recent_window: int,
+                  cap_window: bool, shared: bool, combine: Combine | None = None, ranks: int = 1) -> Tensor:
+    """[B, H, S] float64: each slot's :func:`keep_rank` at decode (the lowest goes; +inf where nothing may go).
+
+    Recent: the ``recent_window`` newest tokens, with ``cap_window`` at most :func:`window_cap` of the
+    evictable slots held. With ``shared`` every head of a sequence gets one rank: the heads' mean score and
+    age, recent if recent in any head, evictable if in every head. Under tensor parallelism the heads are
+    split over ``ranks`` ranks and ``combine`` adds the other ranks' share of each of those."""
+    evictable = valid & evictable
+    heads = evictable.shape[1]
+    if shared:
+        combine = combine or (lambda tensor, how: tensor)
+        evictable = combine(evictable.all(1, keepdim=True).to(torch.int32), "min").bool()
+    window = recent_window
+    if cap_window:
+        window = window_cap(evictable.sum(-1, keepdim=True)).clamp_max(recent_window)
+    recent = positions >= seen - window
+    score = eviction_score(policy, importance, normalizer, positions, seen, draw, bias_correction, seed)
+    if not shared:
+        return keep_rank(score, positions, recent).masked_fill(~evictable, float("inf"))
+    recent = combine((evictable & recent).any(1, keepdim=True).to(torch.int32), "max").bool()
+    score = combine(score.sum(1, keepdim=True), "sum") / (heads * ranks)
+    age = combine(positions.to(torch.float32).sum(1, keepdim=True), "sum") / (heads * ranks)
+    return keep_rank(score, age, recent).masked_fill(~evictable, float("inf")).expand(-1, heads, -1)
+
+
 def sink_mask(valid: Tensor, sinks: int) -> Tensor:
     """The first ``sinks`` valid tokens of each row (never evicted, never compressed away)."""
     return valid & (valid.cumsum(-1) <= sinks)

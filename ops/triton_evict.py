@@ -144,8 +144,9 @@ def evict_triton(keys: Tensor, values: Tensor, valid: Tensor, evictable: Tensor,
                  normalizer: Tensor, positions: Tensor, n: Tensor, mu_k: Tensor, mu_v: Tensor, comoment: Tensor,
                  free_slot: Tensor, decode_len: Tensor, seen: Tensor, budget: int, policy: int,
                  bias_correction: bool, recent_window: int, cap_window: bool, shared: bool, seed: int,
-                 fold: bool, value_range: Tensor | None = None) -> None:
-    """Same contract as the reference ``evict``; every tensor must be contiguous (the cache's are)."""
+                 fold: bool, value_range: Tensor | None = None, rank: Tensor | None = None) -> None:
+    """Same contract as the reference ``evict``; every tensor must be contiguous (the cache's are). A given
+    ``rank`` (tensor parallelism with a shared victim) runs the reference: the kernel scores its own heads."""
     if policy not in (MOMENTUM, WINDOW, RANDOM):
         raise ValueError(f"policy id must be 0 (momentum), 1 (window) or 2 (random), got {policy}")
     tensors = (keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, comoment, free_slot,
@@ -154,10 +155,10 @@ def evict_triton(keys: Tensor, values: Tensor, valid: Tensor, evictable: Tensor,
         raise ValueError("evict_triton needs contiguous tensors (the cache allocates them so)")
     b, h, slots, d = keys.shape
     dv = values.shape[-1]
-    if not tiles(d, dv):
+    if not tiles(d, dv) or rank is not None:
         return evict_reference(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v,
                                comoment, free_slot, decode_len, seen, budget, policy, bias_correction, recent_window,
-                               cap_window, shared, seed, fold, value_range)
+                               cap_window, shared, seed, fold, value_range, rank)
     grid = (b if shared else b * h,)
     _evict_kernel[grid](
         keys, values, valid.view(torch.uint8), evictable.view(torch.uint8), importance, normalizer, positions,

@@ -15,8 +15,10 @@ from torch import Tensor
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from momentkv.ops.layer import attend, evict
+from momentkv.ops.selection import eviction_rank
 
 from .cache import BudgetedLayer, MomentKVCache
+from .parallel import ONE_PROCESS, HeadGroup
 
 
 def key_validity(attention_mask: Tensor | None, key: Tensor) -> Tensor:
@@ -29,16 +31,23 @@ def key_validity(attention_mask: Tensor | None, key: Tensor) -> Tensor:
     return allowed.expand(batch, length)
 
 
-def decode_step(layer: BudgetedLayer, query: Tensor, scale: float, sinks: Tensor | None = None) -> Tensor:
+def decode_step(layer: BudgetedLayer, query: Tensor, scale: float, sinks: Tensor | None = None,
+                heads: HeadGroup = ONE_PROCESS) -> Tensor:
     """Attention of one new token over a budgeted layer, then eviction if over budget. Returns [B, 1, Hq, Dv].
 
-    sinks [Hq]: the model's learned attention-sink logits, if it has them."""
-    cfg = layer.config
-    out = attend(layer.state, query[:, :, 0], scale=scale, alpha=cfg.alpha, corrected=cfg.corrected,
+    sinks [Hq]: the model's learned attention-sink logits, if it has them. heads: the tensor-parallel ranks
+    holding the layer's other KV heads; a layer-scope victim is chosen over all of them."""
+    cfg, state = layer.config, layer.state
+    out = attend(state, query[:, :, 0], scale=scale, alpha=cfg.alpha, corrected=cfg.corrected,
                  moment_weight=cfg.moment_weight, sinks=sinks)
-    evict(layer.state, budget=cfg.budget, policy=cfg.policy_id, bias_correction=cfg.bias_correction,
-          recent_window=cfg.recent_window, cap_window=cfg.cap_window, shared=cfg.scope == "layer", seed=cfg.seed,
-          fold=cfg.corrected)
+    rule = dict(policy=cfg.policy_id, bias_correction=cfg.bias_correction, recent_window=cfg.recent_window,
+                cap_window=cfg.cap_window, shared=cfg.scope == "layer", seed=cfg.seed)
+    rank = None
+    if rule["shared"] and heads.size > 1:
+        rank = eviction_rank(importance=state.importance, normalizer=state.normalizer, positions=state.positions,
+                             valid=state.valid, evictable=state.evictable, seen=state.seen, draw=state.decode_len,
+                             combine=heads.combine, ranks=heads.size, **rule)
+    evict(state, budget=cfg.budget, fold=cfg.corrected, rank=rank, **rule)
     return out.unsqueeze(1)
 
 
@@ -104,6 +113,6 @@ def make_attention(active_cache: Callable[[], MomentKVCache | None], fallback: C
             return result
         if not torch.compiler.is_compiling():
             _check_decode_call(layer, module, key, value, kwargs)
-        return decode_step(layer, query, scale, kwargs.get("s_aux")), None
+        return decode_step(layer, query, scale, kwargs.get("s_aux"), cache.heads), None
 
     return momentkv_attention

@@ -1,7 +1,7 @@
 """Tensor parallelism (transformers' ``tp_plan``): each rank holds some of every layer's KV heads, and so
 its share of the budgeted cache. Per-head rules need nothing from the other ranks; a choice that combines
-heads (the prefill vote) sums over the tensor-parallel group, so that every rank keeps the tokens one
-process would keep."""
+heads (the prefill vote, a layer-scope victim) reduces over the tensor-parallel group, so that every rank
+keeps the tokens one process would keep."""
 
 from __future__ import annotations
 
@@ -21,13 +21,20 @@ class HeadGroup:
     group: object | None = None  # a torch.distributed ProcessGroup
     size: int = 1
 
-    def sum(self, tensor: Tensor) -> Tensor:
-        """``tensor`` summed over the ranks (a new tensor; the input is left as it is)."""
+    def combine(self, tensor: Tensor, how: str = "sum") -> Tensor:
+        """``tensor`` reduced over the ranks, ``how`` one of "sum", "min", "max" (a new tensor; the input is
+        left as it is)."""
         if self.size == 1:
             return tensor
         total = tensor.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        dist.all_reduce(total, op=_OPS[how], group=self.group)
         return total
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        return self.combine(tensor, "sum")
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
 ONE_PROCESS = HeadGroup()

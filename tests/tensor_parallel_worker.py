@@ -17,6 +17,9 @@ CASES = {  # name -> momentkv options
     "evicting": dict(budget=4, protect_prompt=False, sinks=1, recent_window=2),
     "prefill-vote": dict(budget=4, prefill_budget=8, sinks=1, recent_window=2, prompt_bucket=4),
     "prefill-alone": dict(budget=4, prefill_budget=8, sinks=1, recent_window=2, prompt_bucket=4, prefill_vote=0.0),
+    "layer-scope": dict(budget=4, protect_prompt=False, sinks=1, recent_window=2, scope="layer"),
+    "layer-scope-compiled": dict(budget=4, protect_prompt=False, sinks=1, recent_window=2, scope="layer",
+                                 compile=True),
 }
 
 
@@ -69,11 +72,6 @@ def main(folders: dict[str, str], out: str) -> None:
             sharded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
             row["kv_heads_per_rank"] = momentkv.state_of(sharded).cache.budgeted_layers[0].state.keys.shape[1]
             row["ranks"] = momentkv.state_of(sharded).heads.size
-        try:
-            momentkv.patch(sharded, budget=4, scope="layer")
-            row["layer_scope"] = "accepted"
-        except ValueError as error:
-            row["layer_scope"] = str(error)
         results[name] = row
     results["uneven"] = refusal(*uneven)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:

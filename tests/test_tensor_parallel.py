@@ -1,6 +1,6 @@
 """Tensor parallelism through transformers (``tp_plan="auto"``, torchrun, 2 CPU processes, gloo): every rank
-keeps exactly the tokens one process keeps, with and without eviction, with the prefill vote combining heads
-that the ranks hold apart."""
+keeps exactly the tokens one process keeps, with and without eviction, where the prefill vote and a
+layer-scope victim combine heads that the ranks hold apart (eager and compiled)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def test_each_rank_holds_half_the_heads(ranks, model):
     assert all(rank[model]["ranks"] == 2 and rank[model]["kv_heads_per_rank"] == 2 for rank in ranks)
 
 
-@pytest.mark.parametrize("case", ["covering", "evicting", "prefill-vote", "prefill-alone"])
+@pytest.mark.parametrize("case", ["covering", "evicting", "prefill-vote", "prefill-alone", "layer-scope",
+                                  "layer-scope-compiled"])
 @pytest.mark.parametrize("model", MODELS)
 def test_sharded_tokens_and_logits_equal_one_process(ranks, model, case):
     for rank in ranks:
@@ -64,8 +65,3 @@ def test_sharded_tokens_and_logits_equal_one_process(ranks, model, case):
 
 def test_kv_heads_the_ranks_cannot_share_equally_are_refused_at_patch(ranks):
     assert all("3 KV heads sharded over 2 tensor-parallel ranks" in rank["uneven"] for rank in ranks)
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_layer_scope_is_refused_under_tensor_parallelism(ranks, model):
-    assert all("scope='layer' is not supported with tensor parallelism" in rank[model]["layer_scope"] for rank in ranks)
