@@ -124,9 +124,24 @@ def run_bench(model, model_folder: str, prompt_len: int, lengths: list[int], bud
                             log(f"batch {batch} new {new_tokens} budget {budget} repeat {repeat} {system}: "
                                 + (result.get("error") or f"{result['tokens_per_second']:.1f} tok/s"))
                 rows.extend(_summarise(samples, batch, prompt_len, new_tokens, budget))
-    return dict(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-                threads=torch.get_num_threads(), dtype=str(model.dtype), model=model.config.model_type,
-                prompt_len=prompt_len, repeats=repeats, versions=versions(), rows=rows)
+    result = dict(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+                  threads=torch.get_num_threads(), dtype=str(model.dtype), model=model.config.model_type,
+                  prompt_len=prompt_len, repeats=repeats, versions=versions(), rows=rows)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        result.update(world_size=torch.distributed.get_world_size(), per_rank=_per_rank_memory(rows))
+    return result
+
+
+MEMORY = ("kv_bytes", "cache_bytes", "rss_growth_bytes", "cuda_peak_allocated_bytes")
+
+
+def _per_rank_memory(rows: list[dict]) -> list[list[dict]]:
+    """Each rank's memory per row (tensor parallelism: every rank holds its share of the heads)."""
+    mine = [{key: row[key] for key in ("system", "budget", "batch", "new_tokens", *MEMORY) if key in row}
+            for row in rows]
+    every: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return every
 
 
 def _summarise(samples: dict, batch: int, prompt_len: int, new_tokens: int, budget: int) -> list[dict]:

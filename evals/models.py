@@ -73,21 +73,45 @@ LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0)
 
 
+def distributed() -> bool:
+    """Whether this process is one of several launched by ``torchrun``."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def tensor_parallel_loading() -> dict:
+    """``from_pretrained`` arguments that shard a model by heads over the ``torchrun`` processes (transformers'
+    own plan): ``distributed_config`` from transformers 5.24, ``tp_plan`` before."""
+    import transformers
+
+    if hasattr(transformers, "DistributedConfig"):
+        return dict(distributed_config=transformers.DistributedConfig(tp_plan="auto"))
+    return dict(tp_plan="auto")
+
+
 def bench_model(name: str, device: str | None = None) -> tuple[PreTrainedModel, str]:
     """A model for speed benchmarks and a folder (or ``random:<config json>``) that rebuilds it elsewhere.
 
     "smollm2": the real model, fp32 on CPU, bf16 on CUDA. "llama-3.1-8b-random": Llama-3.1-8B's shapes
-    with random bf16 weights (speed does not depend on the weights); needs a GPU's memory."""
+    with random bf16 weights (speed does not depend on the weights); needs a GPU's memory. Any other name is
+    a checkpoint folder. Under ``torchrun`` the model is sharded by heads (tensor parallelism), from smollm2
+    or a folder."""
     import json
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "smollm2":
-        model, _ = load_smollm2(torch.bfloat16 if device == "cuda" else torch.float32)
-        return model.to(device), str(smollm2_checkpoint())
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if name == "llama-3.1-8b-random":
+        if distributed():
+            raise ValueError("under torchrun, --model must be smollm2 or a checkpoint folder: llama-3.1-8b-random is "
+                             "built in one process")
         with torch.device(device):
             model = LlamaForCausalLM(LlamaConfig(**LLAMA_31_8B)).to(torch.bfloat16).eval()
         return model, "random:" + json.dumps(LLAMA_31_8B)
-    raise ValueError(f"model must be 'smollm2' or 'llama-3.1-8b-random', got {name!r}")
+    folder = str(smollm2_checkpoint()) if name == "smollm2" else name
+    if not Path(folder).is_dir():
+        raise ValueError(f"model must be 'smollm2', 'llama-3.1-8b-random' or a checkpoint folder, got {name!r}")
+    if distributed():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **tensor_parallel_loading()).eval(), folder
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
+    return model.to(device), folder

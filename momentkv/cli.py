@@ -94,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when available")
     bench.add_argument("--out", default=None, help="write the results as JSON to this file")
     bench = command("bench", "end-to-end decoding speed and memory: momentkv against transformers' full caches and "
-                             "kvpress, runs interleaved")
-    bench.add_argument("--model", default="smollm2", choices=["smollm2", "llama-3.1-8b-random"],
-                       help="the real SmolLM2-135M (offline), or Llama-3.1-8B's shapes with random weights")
+                             "kvpress, runs interleaved; under torchrun, tensor-parallel with memory per rank")
+    bench.add_argument("--model", default="smollm2",
+                       help="smollm2 (the real SmolLM2-135M, offline), llama-3.1-8b-random (Llama-3.1-8B's shapes, "
+                            "random weights) or a checkpoint folder; under torchrun the model is sharded by heads "
+                            "(tensor parallelism) and every rank's memory is reported")
     bench.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when available")
     bench.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (random ids)")
     bench.add_argument("--lengths", default="256,512", help="generated lengths, comma-separated")
@@ -156,21 +158,34 @@ def main(argv: list[str] | None = None) -> int:
                    device)
     elif args.command == "bench":
         from momentkv.evals.bench import SYSTEMS, format_table, plot, run_bench
-        from momentkv.evals.models import bench_model
+        from momentkv.evals.models import bench_model, distributed
 
-        unknown = [name for name in args.systems.split(",") if name not in SYSTEMS]
+        systems = args.systems.split(",")
+        unknown = [name for name in systems if name not in SYSTEMS]
         if unknown:
             parser.error(f"--systems: unknown {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
-        model, folder = bench_model(args.model, args.device)
+        if distributed() and any(name.startswith("kvpress") for name in systems):
+            parser.error("--systems: kvpress runs in its own process, not under torchrun")
+        try:
+            model, folder = bench_model(args.model, args.device)
+        except ValueError as error:
+            parser.error(str(error))
+        first = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports for every rank
         ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
         result = run_bench(model, folder, args.prompt_len, ints(args.lengths), ints(args.budgets),
-                           ints(args.batches), args.systems.split(","), args.repeats, args.kvpress_python)
-        print(format_table(result))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
-        if args.plot:
-            plot(result, args.plot)
+                           ints(args.batches), systems, args.repeats, args.kvpress_python,
+                           log=print if first else lambda line: None)
+        if first:
+            print(format_table(result))
+            for rank, rows in enumerate(result.get("per_rank", [])):
+                held = ", ".join(f"{r['system']} {r.get('cache_bytes', r.get('kv_bytes', 0)) / 2**20:.2f} MiB"
+                                 for r in rows)
+                print(f"rank {rank}: {held}")
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=2)
+            if args.plot:
+                plot(result, args.plot)
     elif args.command == "profile-step":
         from momentkv.evals.models import bench_model
         from momentkv.evals.step_profile import profile_step

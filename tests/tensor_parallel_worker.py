@@ -11,6 +11,7 @@ import torch
 import transformers
 
 import momentkv
+from momentkv.evals.models import tensor_parallel_loading
 
 CASES = {  # name -> momentkv options
     "covering": dict(budget=64),
@@ -23,9 +24,7 @@ CASES = {  # name -> momentkv options
 }
 
 
-# transformers 5.24 takes the plan in a DistributedConfig; 5.17 takes tp_plan itself
-SHARDED = (dict(distributed_config=transformers.DistributedConfig(tp_plan="auto"))
-           if hasattr(transformers, "DistributedConfig") else dict(tp_plan="auto"))
+SHARDED = tensor_parallel_loading()
 
 
 def generate(model, ids, mask, **options):

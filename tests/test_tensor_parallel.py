@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ UNEVEN = dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=96)  # 3
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     folders = {}
     for name, (config_name, model_name, options) in {**MODELS, "uneven": ("LlamaConfig", "LlamaForCausalLM",
@@ -37,11 +38,22 @@ def ranks(tmp_path_factory):
         torch.manual_seed(0)
         getattr(transformers, model_name)(config).save_pretrained(root / name)
         folders[name] = (str(root / name), model_name)
-    worker = Path(__file__).with_name("tensor_parallel_worker.py")
+    return folders
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29533", str(worker),
-                           json.dumps(folders), str(root)], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29533", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def ranks(folders, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranks")
+    worker = Path(__file__).with_name("tensor_parallel_worker.py")
+    torchrun(str(worker), json.dumps(folders), str(root))
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -65,3 +77,20 @@ def test_sharded_tokens_and_logits_equal_one_process(ranks, model, case):
 
 def test_kv_heads_the_ranks_cannot_share_equally_are_refused_at_patch(ranks):
     assert all("3 KV heads sharded over 2 tensor-parallel ranks" in rank["uneven"] for rank in ranks)
+
+
+def test_bench_under_torchrun_reports_each_ranks_share(folders, tmp_path):
+    """`momentkv bench` under torchrun shards the model by heads and reports every rank's memory: each holds
+    half of what one process holds (and its own two int64 counters per layer)."""
+    args = ["--model", folders["llama-gqa"][0], "--prompt-len", "8", "--lengths", "6", "--budgets", "4",
+            "--systems", "full-dynamic,momentkv-eager", "--repeats", "1"]
+    done = torchrun("-m", "momentkv.cli", "bench", *args, "--out", str(tmp_path / "tp.json"))
+    alone = subprocess.run([sys.executable, "-m", "momentkv.cli", "bench", *args, "--out", str(tmp_path / "one.json")],
+                           capture_output=True, text=True, timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    sharded, one = (json.loads((tmp_path / name).read_text()) for name in ("tp.json", "one.json"))
+    assert sharded["world_size"] == 2 and len(sharded["per_rank"]) == 2 and "rank 1:" in done.stdout
+    whole = next(r["cache_bytes"] for r in one["rows"] if r["system"] == "momentkv-eager")
+    for rows in sharded["per_rank"]:
+        share = next(r["cache_bytes"] for r in rows if r["system"] == "momentkv-eager")
+        assert share * 2 == whole + 2 * 8 * 3  # 3 layers
