@@ -43,7 +43,7 @@ def folders(tmp_path_factory):
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29533", *args],
+    done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", *args],  # a free port
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
