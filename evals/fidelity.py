@@ -87,6 +87,46 @@ def full_cache_reference(model: PreTrainedModel, input_ids: Tensor, attention_ma
     return out[:, input_ids.shape[1]:], torch.stack(recorder.steps, dim=1)
 
 
+SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.95)  # how users generate long text
+
+
+def sampled_reference(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, new_tokens: int,
+                      seeds: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens [B, T] sampled with the model's ordinary cache (:data:`SAMPLING`, row ``i`` from ``seeds[i]``, one row
+    at a time so that a row's text does not depend on its batch); the model's log-probabilities [B, T, V]
+    (fp16) at each step: the raw distribution with EOS masked, as :class:`TeacherForcing` sees it under
+    ``min_new_tokens`` (temperature and top-p shape the sampling, not the distribution compared); and its most
+    likely token [B, T] at each step (what top-1 agreement compares with)."""
+    tokens, logprobs, top = [], [], []
+    eos = model.generation_config.eos_token_id
+    for row, seed in enumerate(seeds):
+        keep = attention_mask[row].bool()
+        ids = input_ids[row][keep][None]
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=_pad_id(model), output_logits=True,
+                             return_dict_in_generate=True, **SAMPLING)
+        logits = torch.stack(out.logits, 1).float()
+        if eos is not None:
+            logits[..., torch.tensor(eos if isinstance(eos, list) else [eos])] = float("-inf")
+        tokens.append(out.sequences[:, ids.shape[1]:])
+        logprobs.append(torch.log_softmax(logits, -1).half().cpu())
+        top.append(logits.argmax(-1).cpu())
+    return torch.cat(tokens), torch.cat(logprobs), torch.cat(top)
+
+
+def sampled_free_run(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, new_tokens: int,
+                     seeds: list[int]) -> list[Tensor]:
+    """Each row sampled freely from its seed, as :func:`sampled_reference` sampled the reference."""
+    out = []
+    for row, seed in enumerate(seeds):
+        ids = input_ids[row][attention_mask[row].bool()][None]
+        torch.manual_seed(seed)
+        out.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, pad_token_id=_pad_id(model), **SAMPLING)[0, ids.shape[1]:])
+    return out
+
+
 def stream(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, reference: Tensor,
            reference_logprobs: Tensor | None = None, free_run: bool = False, mask_eos: bool = True,
            observers: Sequence[LogitsProcessor] = ()) -> Streamed:

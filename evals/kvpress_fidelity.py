@@ -63,25 +63,26 @@ def main(args: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32).eval()
     data = torch.load(args["inputs"])
     top1, kl = [], []
-    for prompt, reference, logprobs in zip(data["prompts"], data["reference"], data["logprobs"]):
+    for prompt, reference, logprobs, top in zip(data["prompts"], data["reference"], data["logprobs"], data["top"]):
         ids = prompt[None]
         press = _press(args["press"], ids.shape[1] + args["budget"])
         with press(model):
             out = fidelity.stream(model, ids, torch.ones_like(ids), reference[None], logprobs[None])
-        top1.append(out.agree.float().mean().item())
+        top1.append((out.predicted[0] == top).float().mean().item())
         kl.append(out.kl.mean().item())
     return dict(top1_rows=top1, kl_rows=kl)
 
 
 def kvpress_rows(python: str, model: str, press: str, budget: int, prompts: list[torch.Tensor],
-                 reference: torch.Tensor, logprobs: torch.Tensor) -> dict[str, list[float]]:
-    """Per-prompt top-1 agreement and KL of ``press`` at ``budget`` decode slots beyond each prompt, run by
-    ``python`` (an environment with kvpress 0.5.5) along the full-cache ``reference`` tokens."""
+                 reference: torch.Tensor, logprobs: torch.Tensor, top: torch.Tensor) -> dict[str, list[float]]:
+    """Per-prompt top-1 agreement (with the full cache's most likely tokens ``top``) and KL of ``press`` at
+    ``budget`` decode slots beyond each prompt, run by ``python`` (an environment with kvpress 0.5.5) along the
+    full-cache ``reference`` tokens."""
     if press not in PRESSES:
         raise ValueError(f"press: unknown {press!r}; known: {', '.join(PRESSES)}")
     with tempfile.TemporaryDirectory() as folder:
         inputs = Path(folder) / "inputs.pt"
-        torch.save(dict(prompts=prompts, reference=reference, logprobs=logprobs), inputs)
+        torch.save(dict(prompts=prompts, reference=reference, logprobs=logprobs, top=top), inputs)
         args = dict(model=model, inputs=str(inputs), press=press, budget=budget, threads=torch.get_num_threads())
         run = subprocess.run([python, __file__, json.dumps(args)], capture_output=True, text=True)
     if run.returncode != 0:

@@ -13,6 +13,7 @@ METRICS = {  # workload -> (metric, better, label)
     "perplexity": (("perplexity", "min", "perplexity"),),
     "retrieval": (("accuracy", "max", "accuracy %"),),
 }
+METRICS.update({f"{name}-sampled": METRICS[name] for name in ("sweep", "long-generation")})
 
 
 def _column(key: str) -> str:
@@ -82,7 +83,7 @@ def markdown(results: Results) -> str:
                     row.append(f"{text} ({entry['cache_tokens']:.0f})")
                 lines.append(f"| {name} | " + " | ".join(row) + " |")
             lines.append("")
-        if workload in ("sweep", "long-generation"):
+        if workload.removesuffix("-sampled") in ("sweep", "long-generation"):
             lines += per_prompt(workload, methods, columns, cells)
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import momentkv
 
-from .fidelity import full_cache_reference, loop_period, rouge_l, stream
+from .fidelity import SAMPLING, full_cache_reference, loop_period, rouge_l, sampled_free_run, sampled_reference, stream
 from .kvpress_fidelity import PRESSES, kvpress_rows
 from .methods import FULL, METHODS, method
 from .models import cache_home, chat_prompt
@@ -47,7 +47,10 @@ def is_kvpress(name: str) -> bool:
 
 ANSWER_TOKENS = 32  # new tokens generated per retrieval answer
 
-WORKLOADS = ("sweep", "long-generation", "long-prompt", "perplexity", "retrieval")
+WORKLOADS = ("sweep", "long-generation", "sweep-sampled", "long-generation-sampled", "long-prompt", "perplexity",
+             "retrieval")
+# "-sampled": along references sampled from the full cache (fidelity.SAMPLING, a seed per prompt), as users
+# generate long text; the plain workloads go along the full cache's greedy text.
 
 
 @dataclass
@@ -175,14 +178,15 @@ class Suite:
     def methods(self, workload: str = "") -> list[str]:
         """Methods to run: kvpress's presses only on teacher-forced generation, where they apply."""
         names = list(self.settings.methods) or [FULL, *METHODS] + (list(KVPRESS) if self.kvpress_python else [])
-        generation = workload in ("sweep", "long-generation")
+        generation = workload in ("sweep", "long-generation", "sweep-sampled", "long-generation-sampled")
         return [n for n in names if generation or not is_kvpress(n)]
 
-    def _kvpress(self, name: str, budget: int, enc: Any, ref_tokens: Tensor, ref_logprobs: Tensor) -> dict[str, Any]:
+    def _kvpress(self, name: str, budget: int, enc: Any, ref_tokens: Tensor, ref_logprobs: Tensor,
+                 ref_top: Tensor) -> dict[str, Any]:
         """Teacher-forced fidelity of a kvpress press, in kvpress's own environment (see kvpress_fidelity.py)."""
         prompts = [ids[mask.bool()] for ids, mask in zip(enc.input_ids, enc.attention_mask)]
         rows = kvpress_rows(self.kvpress_python, self.model_folder, name.removeprefix("kvpress-"), budget, prompts,
-                            ref_tokens, ref_logprobs)
+                            ref_tokens, ref_logprobs, ref_top)
         prompt_tokens = sum(len(p) for p in prompts) / len(prompts)
         return dict(top1=sum(rows["top1_rows"]) / len(prompts), kl=sum(rows["kl_rows"]) / len(prompts),
                     cache_tokens=prompt_tokens + budget, **rows)
@@ -190,17 +194,25 @@ class Suite:
     # -- generation workloads -------------------------------------------------------------
     def _generation(self, workload: str, texts: list[str], new_tokens: int, free_run: bool,
                     budgets: list[tuple[int, dict[str, Any]]], progress: tqdm) -> None:
-        """Teacher-forced top-1/KL (and free-run ROUGE-L) of each method along the full-cache greedy text."""
+        """Teacher-forced top-1/KL (and free-run ROUGE-L) of each method along the full cache's text: greedy, or
+        sampled from a seed per prompt (``-sampled`` workloads: the free run samples from the same seed)."""
         tok, s = self.tokenizer, self.settings
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         prompt_tokens = enc.attention_mask.sum(-1).float().mean().item()
         batches = _batches(len(texts), s.batch)
+        sampled = workload.endswith("-sampled")
+        seeds = list(range(len(texts)))
 
         def reference() -> tuple[Tensor, Tensor]:
+            if sampled:
+                return sampled_reference(self.model, enc.input_ids, enc.attention_mask, new_tokens, seeds)
             parts = [full_cache_reference(self.model, enc.input_ids[b], enc.attention_mask[b], new_tokens) for b in batches]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-        ref_tokens, ref_logprobs = _cached(workload, (Path(self.model_folder).name, texts, new_tokens), reference)
+        # tokens driven along, their log-probabilities, and the full cache's most likely token at each step
+        ref_tokens, ref_logprobs, *top = _cached(workload, (Path(self.model_folder).name, texts, new_tokens)
+                                                 + ((SAMPLING, seeds) if sampled else ()), reference)
+        ref_top = top[0] if top else ref_tokens
         ref_texts = tok.batch_decode(ref_tokens, skip_special_tokens=True)
         for budget, extra in budgets:
             for name in self.methods(workload):
@@ -219,18 +231,22 @@ class Suite:
                     if free_run:
                         entry["rouge_l"] = 1.0
                 elif is_kvpress(name):
-                    entry = self._kvpress(name, budget, enc, ref_tokens, ref_logprobs)
+                    entry = self._kvpress(name, budget, enc, ref_tokens, ref_logprobs, ref_top)
                 else:
                     agree, kl, rouge = [], [], []
                     with momentkv.patched(self.model, config=method(name).config(budget, **extra)):
                         for b in batches:
                             out = stream(self.model, enc.input_ids[b], enc.attention_mask[b], ref_tokens[b],
-                                         ref_logprobs[b], free_run=free_run)
-                            agree.append(out.agree.float().mean(-1))
+                                         ref_logprobs[b], free_run=free_run and not sampled)
+                            agree.append((out.predicted == ref_top[b]).float().mean(-1))
                             kl.append(out.kl.mean(-1))
-                            if free_run:
+                            if free_run and not sampled:
                                 free = tok.batch_decode(out.free, skip_special_tokens=True)
                                 rouge += [rouge_l(f, r) for f, r in zip(free, ref_texts[b])]
+                        if free_run and sampled:
+                            free = sampled_free_run(self.model, enc.input_ids, enc.attention_mask, new_tokens, seeds)
+                            rouge = [rouge_l(f, r) for f, r in zip(tok.batch_decode(free, skip_special_tokens=True),
+                                                                    ref_texts)]
                     agree_rows, kl_rows = torch.cat(agree), torch.cat(kl)
                     entry = dict(top1=agree_rows.mean().item(), kl=kl_rows.mean().item(), cache_tokens=memory,
                                  top1_rows=agree_rows.tolist(), kl_rows=kl_rows.tolist())
@@ -321,6 +337,7 @@ class Suite:
     def cells(self, workload: str) -> int:
         s, m = self.settings, len(self.methods(workload))
         return {"sweep": len(s.budgets) * m, "long-generation": len(s.budgets) * m,
+                "sweep-sampled": len(s.budgets) * m, "long-generation-sampled": len(s.budgets) * m,
                 "long-prompt": len(s.budgets) * m * (1 + len(s.passage_prefill_budgets)),
                 "perplexity": len(s.budgets) * m,
                 "retrieval": len(s.retrieval_tasks) * len(s.retrieval_lengths) * len(s.compressions) * m}[workload]
@@ -329,10 +346,10 @@ class Suite:
         s = self.settings
         with tqdm(total=sum(self.cells(w) for w in s.workloads), desc="momentkv eval", unit="cell") as progress:
             for workload in s.workloads:
-                if workload == "sweep":
+                if workload in ("sweep", "sweep-sampled"):
                     texts = self._chat(long_answer_requests("heldout", s.sweep_prompts))
-                    self._generation("sweep", texts, s.sweep_tokens, False, [(b, {}) for b in s.budgets], progress)
-                elif workload == "long-generation":
+                    self._generation(workload, texts, s.sweep_tokens, False, [(b, {}) for b in s.budgets], progress)
+                elif workload in ("long-generation", "long-generation-sampled"):
                     texts = self._chat(long_answer_requests("eval", s.prompts))
                     self._generation(workload, texts, s.new_tokens, True, [(b, {}) for b in s.budgets], progress)
                 elif workload == "long-prompt":

@@ -129,7 +129,8 @@ def test_report_skips_metrics_a_method_lacks(tmp_path):
     assert "| kvpress-tova | — |" in rouge and "| momentkv | **0.400** (79) |" in rouge
 
 
-SMALL = Settings(workloads=("sweep", "long-generation", "long-prompt", "perplexity", "retrieval"),
+SMALL = Settings(workloads=("sweep", "long-generation", "sweep-sampled", "long-generation-sampled", "long-prompt",
+                            "perplexity", "retrieval"),
                  methods=("full", "momentkv", "streamingllm"), budgets=(4, 64), prompts=2, new_tokens=12,
                  sweep_prompts=2, sweep_tokens=8, passages=1, passage_tokens=256, passage_new_tokens=8,
                  passage_prefill_budgets=(64,), documents=2, document_tokens=48, document_prompt=16,
@@ -151,11 +152,13 @@ def test_small_run_of_every_workload_is_complete_resumable_and_reported(tmp_path
     cells = json.loads((tmp_path / "fidelity.json").read_text())["cells"]
     assert len(cells) == sum(suite.cells(w) for w in SMALL.workloads)
     # A budget no smaller than the generation evicts nothing: the compressed model is the full one.
-    for workload in ("sweep", "long-generation"):
+    for workload in ("sweep", "long-generation", "sweep-sampled", "long-generation-sampled"):
         for name in ("momentkv", "streamingllm"):
             assert cells[f"{workload}/{name}/64"]["top1"] == 1.0
             assert cells[f"{workload}/{name}/64"]["kl"] < 1e-4
     assert cells["long-generation/momentkv/64"]["rouge_l"] == 1.0
+    assert cells["long-generation-sampled/momentkv/64"]["rouge_l"] == 1.0  # the free run samples from the same seed
+    assert cells["long-generation-sampled/momentkv/4"]["kl"] > 1e-4
     assert cells["perplexity/momentkv/64"]["perplexity"] == pytest.approx(cells["perplexity/full/64"]["perplexity"],
                                                                           rel=1e-4)
     # A small budget does evict, and costs fidelity; equal memory across compressed methods.
@@ -171,6 +174,30 @@ def test_small_run_of_every_workload_is_complete_resumable_and_reported(tmp_path
     written = write_report(Results(tmp_path / "fidelity.json"))
     table = (tmp_path / "fidelity.md").read_text()
     assert "## long-generation" in table and "| streamingllm |" in table and "## retrieval" in table
+    assert "## long-generation-sampled" in table and "### long-generation-sampled: KL per prompt" in table
     assert "### long-generation: KL per prompt" in table and "| loop period (full) |" in table
     assert all(path.exists() and path.stat().st_size > 0 for path in written)
     assert any(path.suffix == ".png" for path in written)
+
+
+def test_sampled_references_are_seeded_per_prompt_and_sampled():
+    """A row's sampled reference depends on its seed alone (not on its batch), differs from the greedy text, and
+    carries the model's own distribution (with EOS masked) at each step."""
+    from momentkv.evals.fidelity import full_cache_reference, sampled_reference
+    from momentkv.evals.models import chat_prompt, load_smollm2
+
+    model, tokenizer = load_smollm2()
+    texts = [chat_prompt(tokenizer, m) for m in ("Tell me about the sea.", "Describe a long walk in the mountains.")]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tokens, logprobs, top = sampled_reference(model, enc.input_ids, enc.attention_mask, 24, [5, 6])
+    alone, _, _ = sampled_reference(model, enc.input_ids[1:], enc.attention_mask[1:], 24, [6])
+    again, _, _ = sampled_reference(model, enc.input_ids, enc.attention_mask, 24, [5, 6])
+    greedy, greedy_logprobs = full_cache_reference(model, enc.input_ids, enc.attention_mask, 24)
+    assert torch.equal(tokens[1:], alone) and torch.equal(tokens, again)
+    assert not torch.equal(tokens, greedy) and not torch.equal(tokens, top)  # sampled, not the argmax
+    assert torch.equal(top[:, 0], greedy[:, 0])
+    assert tokens.shape == (2, 24) and logprobs.shape == greedy_logprobs.shape
+    eos = model.generation_config.eos_token_id
+    assert torch.isinf(logprobs[..., eos]).all() and torch.isfinite(logprobs.float().logsumexp(-1)).all()
+    # the first step's distribution is the greedy run's (same prompt, nothing sampled yet)
+    torch.testing.assert_close(logprobs[:, 0].float().exp(), greedy_logprobs[:, 0].float().exp(), atol=2e-3, rtol=0)

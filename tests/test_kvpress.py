@@ -39,7 +39,7 @@ def test_time_ordered_streamingllm_equals_momentkvs_streamingllm(reference):
     model, folder, ids, mask, tokens, logprobs = reference
     with momentkv.patched(model, config=method("streamingllm").config(BUDGET)):
         ours = stream(model, ids, mask, tokens, logprobs)
-    theirs = kvpress_rows(KVPRESS_PYTHON, folder, "streamingllm-ordered", BUDGET, list(ids), tokens, logprobs)
+    theirs = kvpress_rows(KVPRESS_PYTHON, folder, "streamingllm-ordered", BUDGET, list(ids), tokens, logprobs, tokens)
     assert ours.agree.float().mean(-1).tolist() == pytest.approx(theirs["top1_rows"])
     assert ours.kl.mean(-1).tolist() == pytest.approx(theirs["kl_rows"], rel=1e-4, abs=1e-6)
     assert min(theirs["top1_rows"]) < 1  # the budget does evict
@@ -50,19 +50,19 @@ def test_shipped_streamingllm_loses_track_of_its_sinks(reference):
     """kvpress 0.5.5 keeps slots in top-k order (NVIDIA/kvpress#173); decoding step after step, its
     StreamingLLM then evicts other tokens than sinks-plus-window (the table's kvpress-streamingllm row)."""
     model, folder, ids, mask, tokens, logprobs = reference
-    ordered = kvpress_rows(KVPRESS_PYTHON, folder, "streamingllm-ordered", BUDGET, list(ids), tokens, logprobs)
-    shipped = kvpress_rows(KVPRESS_PYTHON, folder, "streamingllm", BUDGET, list(ids), tokens, logprobs)
+    ordered = kvpress_rows(KVPRESS_PYTHON, folder, "streamingllm-ordered", BUDGET, list(ids), tokens, logprobs, tokens)
+    shipped = kvpress_rows(KVPRESS_PYTHON, folder, "streamingllm", BUDGET, list(ids), tokens, logprobs, tokens)
     assert shipped["kl_rows"] != pytest.approx(ordered["kl_rows"], rel=1e-3)
 
 
 @needs_kvpress
 def test_a_budget_beyond_the_generation_is_the_full_cache(reference):
     _, folder, ids, _, tokens, logprobs = reference
-    rows = kvpress_rows(KVPRESS_PYTHON, folder, "tova", NEW_TOKENS + 1, list(ids), tokens, logprobs)
+    rows = kvpress_rows(KVPRESS_PYTHON, folder, "tova", NEW_TOKENS + 1, list(ids), tokens, logprobs, tokens)
     assert rows["top1_rows"] == [1.0, 1.0]
     assert max(rows["kl_rows"]) < 1e-5
 
 
 def test_unknown_press_is_refused_before_running():
     with pytest.raises(ValueError, match="press: unknown 'nope'"):
-        kvpress_rows(KVPRESS_PYTHON, "unused", "nope", BUDGET, [], torch.zeros(0), torch.zeros(0))
+        kvpress_rows(KVPRESS_PYTHON, "unused", "nope", BUDGET, [], torch.zeros(0), torch.zeros(0), torch.zeros(0))
