@@ -16,7 +16,7 @@ def evict_args(state, seen=20, recent=1):
     return (state["keys"], state["values"], state["valid"], torch.ones(b, h, s, dtype=torch.bool),
             state["importance"], state["normalizer"], torch.arange(s).expand(b, h, s).contiguous(), state["n"],
             state["mu_k"], state["mu_v"], state["comoment"], torch.zeros(b, h, dtype=torch.int64),
-            torch.tensor(5), torch.tensor(seen), 3, 0, True, recent, 0, False, 0, True)
+            torch.tensor(5), torch.tensor(seen), 3, 0, True, recent, False, False, 0, True)
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to the eager body would compare it with itself
@@ -56,3 +56,36 @@ def test_fused_kernel_serves_many_settings_in_one_process():
             fused(*evict_args(st, seen=6, recent=recent))
         kernels.REFERENCES["evict"](*evict_args(expected, seen=6, recent=recent))
         assert torch.equal(st["valid"], expected["valid"]), recent
+
+
+NO_HITCH = """
+import torch, transformers
+from torch._dynamo.utils import counters
+import momentkv
+config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+torch.manual_seed(0)
+model = transformers.LlamaForCausalLM(config).eval()
+ids = torch.randint(3, 96, (1, 10))
+with momentkv.patched(model, budget=4):
+    model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up: no eviction yet
+    before = counters["stats"]["unique_graphs"]
+    model.generate(input_ids=ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert momentkv.state_of(model).cache.budgeted_layers[0].state.n.sum() > 0, "nothing was evicted"
+print(before, counters["stats"]["unique_graphs"])
+"""
+
+
+def test_the_first_eviction_compiles_nothing():
+    """With the fused CPU kernels, a generation that crosses the budget compiles nothing once a two-token warm-up
+    (which never evicts) has run: the first eviction costs what every step costs (a user saw a 3-4 s hitch there)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MOMENTKV_CPU_KERNEL="fused")
+    done = subprocess.run([sys.executable, "-c", NO_HITCH], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = map(int, done.stdout.split()[-2:])
+    assert before > 0, "the fused kernels were not compiled at all"
+    assert after == before, f"{after - before} compilations once eviction began"
