@@ -186,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                     json.dump(result, f, indent=2)
             if args.plot:
                 plot(result, args.plot)
+        if distributed():  # leave together: a rank exiting with the group alive can abort its peer's gloo threads
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
     elif args.command == "profile-step":
         from momentkv.evals.models import bench_model
         from momentkv.evals.step_profile import profile_step

@@ -79,3 +79,5 @@ def main(folders: dict[str, str], out: str) -> None:
 
 if __name__ == "__main__":
     main(json.loads(sys.argv[1]), sys.argv[2])
+    torch.distributed.barrier()  # leave together: a rank exiting with the group alive can abort its peer
+    torch.distributed.destroy_process_group()
