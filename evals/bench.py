@@ -110,20 +110,25 @@ def run_bench(model, model_folder: str, prompt_len: int, lengths: list[int], bud
         ids = torch.randint(10, model.config.vocab_size, (batch, prompt_len),
                             generator=torch.Generator().manual_seed(0)).to(device)
         for new_tokens in lengths:
-            for budget in budgets:  # full-cache systems run beside each budget: ratios stay within a repeat
+            full: dict[tuple, list[dict]] = {}  # the full caches' runs, made beside the first budget only
+            for budget in budgets:
+                block = [s for s in systems if not (full and s.startswith("full"))]
                 with momentkv.patched(model, budget=budget):
-                    for system in systems:  # warm-up: compile every graph at its real shape
+                    for system in block:  # warm-up: compile every graph at its real shape
                         if "compiled" in system or "cudagraphs" in system:
                             run_system(system, model, ids, new_tokens, budget, kvpress_python, model_folder, False)
-                    samples: dict[tuple, list[dict]] = {(s, budget): [] for s in systems}
+                    samples: dict[tuple, list[dict]] = {(s, budget): [] for s in block}
                     for repeat in range(repeats):
-                        for system in systems:
+                        for system in block:
                             result = run_system(system, model, ids, new_tokens, budget, kvpress_python,
                                                 model_folder)
                             samples[(system, budget)].append(result)
                             log(f"batch {batch} new {new_tokens} budget {budget} repeat {repeat} {system}: "
                                 + (result.get("error") or f"{result['tokens_per_second']:.1f} tok/s"))
-                rows.extend(_summarise(samples, batch, prompt_len, new_tokens, budget))
+                fresh = not full
+                full = full or {(s, None): runs for (s, _), runs in samples.items() if s.startswith("full")}
+                samples.update({(s, budget): runs for (s, _), runs in full.items()})
+                rows.extend(_summarise(samples, batch, prompt_len, new_tokens, budget, full_rows=fresh))
     result = dict(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
                   threads=torch.get_num_threads(), dtype=str(model.dtype), model=model.config.model_type,
                   prompt_len=prompt_len, repeats=repeats, versions=versions(), rows=rows)
@@ -132,7 +137,7 @@ def run_bench(model, model_folder: str, prompt_len: int, lengths: list[int], bud
     return result
 
 
-MEMORY = ("kv_bytes", "cache_bytes", "rss_growth_bytes", "cuda_peak_allocated_bytes")
+MEMORY = ("kv_bytes", "cache_bytes", "rss_growth_bytes", "rss_peak_bytes", "cuda_peak_allocated_bytes")
 
 
 def _per_rank_memory(rows: list[dict]) -> list[list[dict]]:
@@ -144,11 +149,15 @@ def _per_rank_memory(rows: list[dict]) -> list[list[dict]]:
     return every
 
 
-def _summarise(samples: dict, batch: int, prompt_len: int, new_tokens: int, budget: int) -> list[dict]:
-    """Rows of one (batch, length, budget) block; full-cache rows carry the budget they ran beside."""
+def _summarise(samples: dict, batch: int, prompt_len: int, new_tokens: int, budget: int,
+               full_rows: bool = True) -> list[dict]:
+    """Rows of one (batch, length, budget) block: medians over repeats, ratios within each repeat (tokens/s, and
+    per point of the step-time curve against each full cache). The full caches' rows come once per length
+    (``full_rows``), with the budget they first ran beside."""
     rows = []
-    reference = samples.get(("full-static-compiled", budget))
     for (system, _), runs in samples.items():
+        if system.startswith("full") and not full_rows:
+            continue
         ok = [r for r in runs if "error" not in r]
         row = dict(system=system, budget=budget, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)
         if not ok:
@@ -156,65 +165,107 @@ def _summarise(samples: dict, batch: int, prompt_len: int, new_tokens: int, budg
             rows.append(row)
             continue
         for key in ("tokens_per_second", "step_ms_median", "kv_bytes", "cache_bytes", "rss_growth_bytes",
-                    "cuda_peak_allocated_bytes"):
+                    "rss_peak_bytes", "cuda_peak_allocated_bytes"):
             values = [r[key] for r in ok if key in r]
             if values:
                 row[key] = median(values)
-        if reference and all("error" not in r for r in reference) and system != "full-static-compiled":
-            ratios = [r["tokens_per_second"] / ref["tokens_per_second"] for r, ref in zip(runs, reference)
-                      if "error" not in r]
-            row["speed_vs_static_compiled"] = median(ratios)
+        row["curve"] = _median_curve([r["curve"] for r in ok if "curve" in r])
+        for other in ("full-static-compiled", "full-dynamic", "kvpress-i1", "kvpress-i16"):
+            against = samples.get((other, budget))
+            if other == system or not against or any("error" in r for r in against + runs):
+                continue
+            row[f"speed_vs_{other}"] = median(a["tokens_per_second"] / b["tokens_per_second"]
+                                              for a, b in zip(runs, against))
+            if other.startswith("full") and not system.startswith("full"):
+                ratio = _median_curve([[[length, theirs / mine] for (length, mine), (_, theirs)
+                                        in zip(a["curve"], b["curve"])] for a, b in zip(runs, against)])
+                row[f"curve_speed_vs_{other}"] = ratio
+                row[f"faster_than_{other}_from"] = _crossover(ratio)
         rows.append(row)
-    for row in rows:  # momentkv against kvpress at the same budget, within each repeat
-        if row["system"].startswith("momentkv") and "tokens_per_second" in row:
-            for interval in ("kvpress-i1", "kvpress-i16"):
-                other = samples.get((interval, row["budget"]))
-                mine = samples[(row["system"], row["budget"])]
-                if other and all("error" not in r for r in other):
-                    row[f"speed_vs_{interval}"] = median(a["tokens_per_second"] / b["tokens_per_second"]
-                                                         for a, b in zip(mine, other))
     return rows
+
+
+def _median_curve(curves: list[list[list[float]]]) -> list[list[float]]:
+    """Pointwise median of curves ([length, value] at the same lengths)."""
+    if not curves:
+        return []
+    return [[points[0][0], median(p[1] for p in points)] for points in zip(*curves)]
+
+
+def _crossover(ratio: list[list[float]]) -> int | None:
+    """The first generated length from which a speed ratio stays above 1 (None: never, or not to the end)."""
+    start = None
+    for length, value in ratio:
+        start = (start or length) if value > 1 else None
+    return start
 
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['device']} ({result['threads']} threads) {result['model']} {result['dtype']}, prompt "
              f"{result['prompt_len']}, median of {result['repeats']}",
              f"{'system':22s} {'budget':>6s} {'batch':>5s} {'new':>6s} {'tok/s':>8s} {'step ms':>8s} "
-             f"{'KV MiB':>8s} {'x static':>8s} {'x kvp-i1':>8s} {'x kvp-i16':>9s}"]
+             f"{'KV MiB':>8s} {'RSS MiB':>8s} {'x static':>8s} {'x dynamic':>9s} {'x kvp-i1':>8s} {'x kvp-i16':>9s}"]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"{r['system']:22s} {str(r['budget']):>6s} {r['batch']:5d} {r['new_tokens']:6d}  {r['error']}")
             continue
+        ratio = lambda other, width: f"{r.get(f'speed_vs_{other}', float('nan')):{width}.2f}"  # noqa: E731
         lines.append(
-            f"{r['system']:22s} {'-' if r['system'].startswith('full') else str(r['budget']):>6s} {r['batch']:5d} {r['new_tokens']:6d} "
-            f"{r['tokens_per_second']:8.1f} {r['step_ms_median']:8.2f} {r['kv_bytes'] / 2**20:8.2f} "
-            f"{r.get('speed_vs_static_compiled', float('nan')):8.2f} {r.get('speed_vs_kvpress-i1', float('nan')):8.2f} "
-            f"{r.get('speed_vs_kvpress-i16', float('nan')):9.2f}")
+            f"{r['system']:22s} {'-' if r['system'].startswith('full') else str(r['budget']):>6s} {r['batch']:5d} "
+            f"{r['new_tokens']:6d} {r['tokens_per_second']:8.1f} {r['step_ms_median']:8.2f} "
+            f"{r['kv_bytes'] / 2**20:8.2f} {r.get('rss_peak_bytes', float('nan')) / 2**20:8.0f} "
+            f"{ratio('full-static-compiled', 8)} {ratio('full-dynamic', 9)} {ratio('kvpress-i1', 8)} "
+            f"{ratio('kvpress-i16', 9)}")
+    return "\n".join(lines + ["", format_curves(result)])
+
+
+def _label(row: dict) -> str:
+    return row["system"] + ("" if row["system"].startswith("full") else f" B={row['budget']}")
+
+
+def format_curves(result: dict[str, Any]) -> str:
+    """Decode tokens/s at each point of the generation, per system, for the longest runs of each batch."""
+    lines = []
+    for batch in sorted({r["batch"] for r in result["rows"]}):
+        longest = max(r["new_tokens"] for r in result["rows"] if r["batch"] == batch)
+        rows = [r for r in result["rows"] if r["batch"] == batch and r["new_tokens"] == longest and r.get("curve")]
+        if not rows:
+            continue
+        lengths = [length for length, _ in rows[0]["curve"]]
+        lines.append(f"batch {batch}, tokens/s at generated length: " + " ".join(f"{n:>7d}" for n in lengths))
+        for r in rows:
+            rates = " ".join(f"{1e3 * batch / ms:7.1f}" for _, ms in r["curve"])
+            crossing = r.get("faster_than_full-dynamic_from")
+            lines.append(f"  {_label(r):34s} {rates}" + (f"  (faster than dynamic from {crossing})"
+                                                          if crossing else ""))
     return "\n".join(lines)
 
 
 def plot(result: dict[str, Any], path: str) -> None:
+    """Tokens/s against generated length along the longest generation of the smallest batch, each momentkv
+    budget's crossover with the dynamic full cache marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    batch = min(r["batch"] for r in result["rows"])
+    longest = max(r["new_tokens"] for r in result["rows"] if r["batch"] == batch)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[str, list[tuple[int, float]]] = {}
     for r in result["rows"]:
-        if "tokens_per_second" in r and r["batch"] == min(x["batch"] for x in result["rows"]):
-            full = r["system"].startswith("full")
-            if full and r["budget"] != min(x["budget"] for x in result["rows"]):
-                continue  # full-cache systems ran beside every budget: plot them once
-            label = r["system"] + ("" if full else f" B={r['budget']}")
-            series.setdefault(label, []).append((r["new_tokens"], r["tokens_per_second"]))
-    for label, points in sorted(series.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        if r["batch"] != batch or r["new_tokens"] != longest or not r.get("curve"):
+            continue
+        lengths = [length for length, _ in r["curve"]]
+        line, = ax.plot(lengths, [1e3 * batch / ms for _, ms in r["curve"]], marker="o", label=_label(r))
+        crossing = r.get("faster_than_full-dynamic_from")
+        if crossing:
+            ax.axvline(crossing, color=line.get_color(), linestyle=":", linewidth=1)
+            ax.annotate(f"faster from {crossing}", (crossing, ax.get_ylim()[0]), color=line.get_color(),
+                        fontsize=7, rotation=90, va="bottom", ha="right")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("generated tokens")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"{result['model']} on {result['device']}, prompt {result['prompt_len']}")
+    ax.set_ylabel("decode tokens/s (median over the steps just before)")
+    ax.set_title(f"{result['model']} on {result['device']}, batch {batch}, prompt {result['prompt_len']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

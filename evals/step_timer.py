@@ -36,7 +36,19 @@ class StepTimer(StoppingCriteria):
         steps = [b - a for a, b in zip(self.times, self.times[1:])]
         return dict(decode_steps=len(steps), step_ms_median=1e3 * median(steps),
                     tokens_per_second=batch * len(steps) / (self.times[-1] - self.times[0]),
-                    rss_growth_bytes=self.rss_peak - self.rss_start)
+                    rss_growth_bytes=self.rss_peak - self.rss_start, rss_peak_bytes=self.rss_peak,
+                    curve=step_curve(steps))
+
+
+def step_curve(steps: list[float]) -> list[list[float]]:
+    """[generated length L, median step ms over the steps just before L] at L = 64, 128, 256, ... and the last
+    step: how the step time moves along one generation (a full cache's grows with its length)."""
+    points, length = [], 64
+    while length < len(steps):
+        points.append(length)
+        length *= 2
+    points.append(len(steps))
+    return [[end, 1e3 * median(steps[end - max(16, end // 8):end])] for end in points if end >= 16]
 
 
 def kv_bytes(cache) -> int:

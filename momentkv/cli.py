@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="python of an environment with kvpress 0.5.5 (transformers < 5.3), to add its presses")
     bench.add_argument("--out", default=None, help="write the results as JSON to this file")
     bench.add_argument("--plot", default=None, help="write a tokens/s plot (PNG) to this file")
-    profile = command("profile-step", "split a decode step's time: attention, eviction, cache write, rest of model")
+    profile = command("profile-step", "a decode step's time: the budgeted layers' in the generation, and each kernel's")
     profile.add_argument("--model", default="smollm2", choices=["smollm2", "llama-3.1-8b-random"],
                          help="as for bench")
     profile.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when available")
@@ -197,11 +197,14 @@ def main(argv: list[str] | None = None) -> int:
 
         model, _ = bench_model(args.model, args.device)
         result = profile_step(model, args.prompt_len, args.new_tokens, args.budget, args.batch)
-        print(f"step {result['step_ms']:.2f} ms over {result['budgeted_layers']} budgeted layers "
-              f"({result['cpu_kernel']} CPU kernels; attention per layer {result['per_layer_us']['attention_and_momentum']:.0f}"
-              f" us called directly, {result['attention_through_dispatcher_us']:.0f} us through the dispatcher):")
-        for name, ms in result["split_ms"].items():
-            print(f"  {name:24s} {ms:8.2f} ms  {100 * result['split_fraction'][name]:5.1f}%")
+        print(f"step {result['step_ms']:.2f} ms with {result['budgeted_layers']} budgeted layers, "
+              f"{result['step_ms_without_budgeted_attention']:.2f} ms with their decode step a no-op, "
+              f"{result['full_dynamic_step_ms']:.2f} ms with the dynamic full cache; the step costs "
+              f"{result['step_per_layer_in_generation_us']:.0f} us per layer in the generation")
+        print(f"per layer, warm ({result['cpu_kernel']} CPU kernels; the step through the dispatcher "
+              f"{result['step_through_dispatcher_us']:.0f} us):")
+        for name, us in result["per_layer_warm_us"].items():
+            print(f"  {name:24s} {us:8.1f} us")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)

@@ -10,6 +10,7 @@ import torch
 
 from .cpu import register_fused_cpu_kernels
 from .decode_attention import decode_attention
+from .decode_step import decode_step
 from .evict import evict
 from .moments import fold_range, fold_token, merge_range, merge_set
 from .prefill_scores import prefill_scores
@@ -33,6 +34,7 @@ __all__ = [
     "RANDOM",
     "WINDOW",
     "decode_attention",
+    "decode_step",
     "evict",
     "eviction_score",
     "fold_range",

@@ -1,6 +1,6 @@
 """CPU kernels: the plain-PyTorch reference bodies, fused into C++ loops by inductor.
 
-A decode step runs two ops per layer; eagerly each is ~30 small aten calls, which on CPU
+A decode step runs one op per layer (``decode_step``); eagerly it is ~60 small aten calls, which on CPU
 costs more than the attention itself. Compiled once per shape (and cached on disk by
 inductor), they run 3-5x faster. ``MOMENTKV_CPU_KERNEL=reference`` keeps the eager bodies;
 a machine where inductor cannot compile falls back to them with a warning.
@@ -11,30 +11,63 @@ from __future__ import annotations
 import os
 import types
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .kernels import REFERENCES, register
 
 
+def _signature(args: tuple) -> tuple:
+    """What a compiled kernel is specialised on: the non-tensor arguments, each tensor's layout, and the modes
+    (grad, inference, autocast) it was traced under: the checks dynamo's guards would make on each call."""
+    layout = tuple((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+    return layout, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu")
+
+
+def _compile(reference: Callable, args: tuple) -> tuple[Callable, Any]:
+    """Compile ``reference`` for ``args`` (running it once on them); returns the compiled kernel and that output.
+
+    Dynamo traces it (a fresh code object each time, so no recompile cap is shared) and inductor compiles the
+    graph; later calls go straight to inductor's graph, which skips dynamo's frame evaluation and guards:
+    ~70 us a call on a cold CPU cache, more than the kernel itself (results/profile-step-cpu.json). The
+    caller checks what the guards would have (:func:`_signature`)."""
+    graph: dict[str, Any] = {}
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graph["compiled"], graph["inputs"] = torch._inductor.compile(gm, example_inputs), list(example_inputs)
+        return graph["compiled"]
+
+    copy = types.FunctionType(reference.__code__.replace(), reference.__globals__, reference.__name__,
+                              reference.__defaults__, reference.__closure__)
+    traced = torch.compile(copy, backend=backend, dynamic=False, fullgraph=True)
+    out = traced(*args)
+    positions = [next((i for i, a in enumerate(args) if a is each), None) for each in graph["inputs"]]
+    if None in positions or not (out is None or isinstance(out, torch.Tensor)):
+        return traced, out  # the graph reads something besides the arguments: keep dynamo's own call
+    compiled = graph["compiled"]
+
+    def kernel(*call_args):
+        outputs = compiled(*(call_args[i] for i in positions))
+        return None if out is None else outputs[0]
+
+    return kernel, out
+
+
 def _fused(reference: Callable) -> Callable:
-    # One compiled copy per setting of the op's non-tensor arguments (budget, policy, window...):
-    # dynamo caps recompiles per code object, and a process comparing many settings (an eval
-    # sweep) would otherwise hit the cap and fall back to the slow eager body.
+    """The fused CPU kernel of an op: ``reference`` compiled once per :func:`_signature` of its arguments."""
     compiled: dict[tuple, Callable] = {}
     state = {"fused": True}
 
     def kernel(*args):
         if not state["fused"]:
             return reference(*args)
-        key = tuple(a for a in args if not isinstance(a, torch.Tensor))
-        if key not in compiled:
-            copy = types.FunctionType(reference.__code__.replace(), reference.__globals__, reference.__name__,
-                                      reference.__defaults__)
-            compiled[key] = torch.compile(copy, dynamic=False, fullgraph=True)
+        key = _signature(args)
         try:
-            return compiled[key](*args)
+            if key in compiled:
+                return compiled[key](*args)
+            compiled[key], out = _compile(reference, args)
+            return out
         except Exception as error:  # no C++ toolchain, or an inductor bug: stay correct, get slower
             warnings.warn(f"momentkv: fused CPU kernel unavailable ({type(error).__name__}: {error}); "
                           "using the eager reference", RuntimeWarning, stacklevel=2)
@@ -51,6 +84,6 @@ def register_fused_cpu_kernels() -> bool:
         raise ValueError(f"MOMENTKV_CPU_KERNEL must be 'fused' or 'reference', got {choice!r}")
     if choice == "reference":
         return False
-    for name in ("decode_attention", "evict"):
+    for name in ("decode_step", "decode_attention", "evict"):  # the last two: tensor parallelism's split step
         register(name, "cpu", _fused(REFERENCES[name]))
     return True

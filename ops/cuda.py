@@ -6,6 +6,7 @@ modules themselves import on any machine (tests run them under ``TRITON_INTERPRE
 
 from __future__ import annotations
 
+from .decode_step import compose_step
 from .kernels import register
 from .triton_decode_attention import decode_attention_triton
 from .triton_evict import evict_triton
@@ -15,4 +16,5 @@ from .triton_prefill_scores import prefill_scores_triton
 def register_triton_kernels() -> None:
     register("decode_attention", "cuda", decode_attention_triton)
     register("evict", "cuda", evict_triton)
+    register("decode_step", "cuda", compose_step(decode_attention_triton, evict_triton))
     register("prefill_scores", "cuda", prefill_scores_triton)

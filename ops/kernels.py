@@ -14,12 +14,15 @@ from typing import Callable, Literal
 import torch
 
 from .decode_attention import decode_attention, decode_attention_reference
+from .decode_step import decode_step, decode_step_reference
 from .evict import evict, evict_reference
 from .prefill_scores import prefill_scores, prefill_scores_reference
 
-OPS = {"decode_attention": decode_attention, "evict": evict, "prefill_scores": prefill_scores}
+OPS = {"decode_attention": decode_attention, "decode_step": decode_step, "evict": evict,
+       "prefill_scores": prefill_scores}
 REFERENCES = {
     "decode_attention": decode_attention_reference,
+    "decode_step": decode_step_reference,
     "evict": evict_reference,
     "prefill_scores": prefill_scores_reference,
 }

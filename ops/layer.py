@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from .decode_step import write_token
 from .kernels import Route, call
 
 
@@ -77,6 +78,23 @@ class LayerState:
     @property
     def moments(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.n, self.mu_k, self.mu_v, self.comoment
+
+
+def step(state: LayerState, query: Tensor, key: Tensor, value: Tensor, *, scale: float, alpha: float,
+         corrected: bool, moment_weight: float, sinks: Tensor | None, budget: int, policy: int, bias_correction: bool,
+         recent_window: int, cap_window: bool, shared: bool, seed: int, fold: bool, route: Route = "kernel") -> Tensor:
+    """``momentkv::decode_step``: write the new token (key, value [B, H, 1, D]), attend with query [B, Hq, Dk] as
+    :func:`attend`, evict as :func:`evict`: a layer's whole decode step in one call. Returns [B, Hq, Dv]."""
+    return call("decode_step", query, key, value, state.keys, state.values, state.valid, state.evictable,
+                state.importance, state.normalizer, state.positions, *state.moments, state.value_range,
+                state.free_slot, state.decode_len, state.seen, scale, alpha, corrected, moment_weight, sinks, budget,
+                policy, bias_correction, recent_window, cap_window, shared, seed, fold, route=route)
+
+
+def write(state: LayerState, key: Tensor, value: Tensor, *, budget: int) -> None:
+    """Write the new token into its slot (``decode_step``'s first part, for a step split around a collective)."""
+    write_token(state.keys, state.values, state.valid, state.importance, state.normalizer, state.positions,
+                state.free_slot, state.decode_len, state.seen, key, value, budget)
 
 
 def attend(state: LayerState, query: Tensor, *, scale: float, alpha: float, corrected: bool,

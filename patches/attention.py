@@ -14,11 +14,12 @@ import torch
 from torch import Tensor
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from momentkv.ops.layer import attend, evict
+from momentkv.ops.layer import attend, evict, step, write
 from momentkv.ops.selection import eviction_rank
 
 from .cache import BudgetedLayer, MomentKVCache
 from .parallel import ONE_PROCESS, HeadGroup
+from .support import UnsupportedAttention
 
 
 def key_validity(attention_mask: Tensor | None, key: Tensor) -> Tensor:
@@ -31,22 +32,27 @@ def key_validity(attention_mask: Tensor | None, key: Tensor) -> Tensor:
     return allowed.expand(batch, length)
 
 
-def decode_step(layer: BudgetedLayer, query: Tensor, scale: float, sinks: Tensor | None = None,
-                heads: HeadGroup = ONE_PROCESS) -> Tensor:
-    """Attention of one new token over a budgeted layer, then eviction if over budget. Returns [B, 1, Hq, Dv].
+def decode_step(layer: BudgetedLayer, query: Tensor, key: Tensor, value: Tensor, scale: float,
+                sinks: Tensor | None = None, heads: HeadGroup = ONE_PROCESS) -> Tensor:
+    """The new token (query [B, Hq, 1, Dk], key, value [B, H, 1, D]) written into a budgeted layer, its attention
+    over the layer, then eviction if over budget: one op. Returns [B, 1, Hq, Dv].
 
     sinks [Hq]: the model's learned attention-sink logits, if it has them. heads: the tensor-parallel ranks
-    holding the layer's other KV heads; a layer-scope victim is chosen over all of them."""
+    holding the layer's other KV heads; a layer-scope victim is chosen over all of them, so that step is
+    split around the collective (write, attend, rank, evict)."""
     cfg, state = layer.config, layer.state
-    out = attend(state, query[:, :, 0], scale=scale, alpha=cfg.alpha, corrected=cfg.corrected,
-                 moment_weight=cfg.moment_weight, sinks=sinks)
+    attention = dict(scale=scale, alpha=cfg.alpha, corrected=cfg.corrected, moment_weight=cfg.moment_weight,
+                     sinks=sinks)
     rule = dict(policy=cfg.policy_id, bias_correction=cfg.bias_correction, recent_window=cfg.recent_window,
                 cap_window=cfg.cap_window, shared=cfg.scope == "layer", seed=cfg.seed)
-    rank = None
-    if rule["shared"] and heads.size > 1:
-        rank = eviction_rank(importance=state.importance, normalizer=state.normalizer, positions=state.positions,
-                             valid=state.valid, evictable=state.evictable, seen=state.seen, draw=state.decode_len,
-                             combine=heads.combine, ranks=heads.size, **rule)
+    if not (rule["shared"] and heads.size > 1):
+        return step(state, query[:, :, 0], key, value, budget=cfg.budget, fold=cfg.corrected, **attention,
+                    **rule).unsqueeze(1)
+    write(state, key, value, budget=cfg.budget)
+    out = attend(state, query[:, :, 0], **attention)
+    rank = eviction_rank(importance=state.importance, normalizer=state.normalizer, positions=state.positions,
+                         valid=state.valid, evictable=state.evictable, seen=state.seen, draw=state.decode_len,
+                         combine=heads.combine, ranks=heads.size, **rule)
     evict(state, budget=cfg.budget, fold=cfg.corrected, rank=rank, **rule)
     return out.unsqueeze(1)
 
@@ -73,19 +79,17 @@ def own_attention(implementation: str) -> Callable:
 UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "attention_chunk_size")
 
 
-class UnsupportedAttention(ValueError):
-    """A model's attention does something the budgeted decode step would get wrong."""
-
-
 def _check_decode_call(layer: BudgetedLayer, module, key: Tensor, value: Tensor, kwargs: dict) -> None:
     """Refuse, before any token is produced, what the decode op cannot reproduce exactly: keys or values
-    that are not the cache's own (the model transforms them after the cache, or calls attention twice per
-    layer), or arguments that change the attention's maths. Two identity checks per layer and step."""
-    if key is not layer.keys or value is not layer.values:
+    that are not the token this layer's cache just received (the model transforms them after the cache, or
+    calls attention twice per layer, or reads another layer's cache), or arguments that change the attention's
+    maths. Marks the token as taken: the next ``update`` refuses a token that never got here."""
+    incoming, layer.incoming = layer.incoming, None
+    if incoming is None or key is not incoming[0] or value is not incoming[1]:
         raise UnsupportedAttention(
-            f"momentkv cannot budget {_where(module)}: its attention reads keys or values other than the cache's "
-            "own (transformed after the cache update, or read at another layer's index), so the budgeted decode "
-            "step would not compute the model's attention")
+            f"momentkv cannot budget {_where(module)}: its attention reads keys or values other than the cache's own "
+            "(not the new token its cache layer received: transformed after the cache update, or read at another "
+            "layer's index), so the budgeted decode step would not compute the model's attention")
     for name in UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise UnsupportedAttention(f"momentkv cannot budget {_where(module)}: its attention uses "
@@ -113,6 +117,6 @@ def make_attention(active_cache: Callable[[], MomentKVCache | None], fallback: C
             return result
         if not torch.compiler.is_compiling():
             _check_decode_call(layer, module, key, value, kwargs)
-        return decode_step(layer, query, scale, kwargs.get("s_aux"), cache.heads), None
+        return decode_step(layer, query, key, value, scale, kwargs.get("s_aux"), cache.heads), None
 
     return momentkv_attention

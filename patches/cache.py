@@ -21,7 +21,7 @@ from momentkv.ops.moments import merge_range, merge_set
 from momentkv.ops.selection import prompt_score, select_prompt, sink_mask, vote
 
 from .parallel import ONE_PROCESS, HeadGroup
-from .support import BOUNDED, BUDGETED, layer_types
+from .support import BOUNDED, BUDGETED, UnsupportedAttention, layer_types
 
 
 @dataclass
@@ -52,6 +52,9 @@ class BudgetedLayer(CacheLayerMixin):
         self.prefilled = False
         self.pending: PendingPrompt | None = None
         self.state: LayerState | None = None
+        # The new token's key and value between ``update`` and the attention call, which writes them (eager only:
+        # what lets the attention check that it reads this layer's token and that every token gets written).
+        self.incoming: tuple[Tensor, Tensor] | None = None
 
     # -- allocation -----------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -78,6 +81,7 @@ class BudgetedLayer(CacheLayerMixin):
             buffer.zero_()
         self.prefilled = False
         self.pending = None
+        self.incoming = None
 
     # -- transformers' cache protocol -------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -93,18 +97,14 @@ class BudgetedLayer(CacheLayerMixin):
                 f"momentkv decodes one token per step after the prompt, got {key_states.shape[-2]} new tokens; "
                 "assisted/speculative generation, chunked prefill and multi-token continuation are not supported"
             )
-        st = self.state
-        target = torch.where(st.decode_len <= self.config.budget, self.prompt_slots + st.decode_len, st.free_slot)
-        slot = target[..., None]
-        st.keys.scatter_(2, slot[..., None].expand(-1, -1, 1, st.keys.shape[-1]), key_states)
-        st.values.scatter_(2, slot[..., None].expand(-1, -1, 1, st.values.shape[-1]), value_states)
-        st.valid.scatter_(2, slot, True)
-        st.importance.scatter_(2, slot, 0.0)
-        st.normalizer.scatter_(2, slot, 0.0)
-        st.positions.scatter_(2, slot, st.seen.expand_as(slot))
-        st.seen.add_(1)
-        st.decode_len.add_(1)
-        return st.keys, st.values
+        if not is_torchdynamo_compiling():
+            if self.incoming is not None:
+                raise UnsupportedAttention(
+                    "momentkv cannot budget this model: the token a budgeted cache layer received last step never reached "
+                    "momentkv's attention (the model attends outside transformers' attention interface)")
+            self.incoming = (key_states, value_states)
+        # The decode step (``patches.attention``) writes the token, in the same op as its attention.
+        return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Decode attention reads ``valid``, not the mask; the mask only matters for the prompt.

@@ -10,6 +10,10 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 from transformers.cache_utils import get_layer_types_and_kwargs
 
+class UnsupportedAttention(ValueError):
+    """A model's attention does something the budgeted decode step would get wrong."""
+
+
 BUDGETED = "full_attention"
 # Layer kinds whose state transformers' static cache already bounds: momentkv keeps transformers' own
 # static layer for them and budgets the full-attention layers around them.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import momentkv
 from conftest import build_tiny
-from momentkv.evals.bench import format_table, run_bench
+from momentkv.evals.bench import _crossover, format_table, run_bench
+from momentkv.evals.step_timer import step_curve
 
 
 def test_bench_measures_every_system_it_can_and_reports_the_rest(tmp_path):
@@ -20,17 +21,31 @@ def test_bench_measures_every_system_it_can_and_reports_the_rest(tmp_path):
     assert full["kv_bytes"] == 2 * 2 * 2 * (40 + 47) * 16 * 4  # layers x (K, V) x heads x tokens x dim x fp32
     assert not hasattr(model, "_momentkv"), "the benchmark leaves the model unpatched"
     assert "momentkv-eager" in format_table(result)
+    assert budgeted["speed_vs_full-dynamic"] > 0 and [n for n, _ in budgeted["curve"]] == [47]
+    assert [n for n, _ in budgeted["curve_speed_vs_full-dynamic"]] == [47]
     assert momentkv.MomentKVConfig(budget=4).prompt_slots(40) == 64
 
 
-def test_step_profile_splits_the_measured_step(tmp_path):
+def test_step_profile_times_the_step_in_place_and_each_kernel(tmp_path):
     from momentkv.evals.step_profile import profile_step
 
     model = build_tiny("llama", tmp_path)
     result = profile_step(model, prompt_len=24, new_tokens=12, budget=4)
-    split = result["split_ms"]
     assert result["budgeted_layers"] == 2 and result["step_ms"] > 0
-    assert all(split[k] > 0 for k in ("attention_and_momentum", "eviction", "cache_write"))
-    assert abs(sum(split.values()) - result["step_ms"]) < 1e-6
-    assert result["attention_through_dispatcher_us"] > 0 and result["cpu_kernel"] == "reference"
+    assert result["step_ms_without_budgeted_attention"] > 0 and result["full_dynamic_step_ms"] > 0
+    assert set(result["per_layer_warm_us"]) == {"decode_step", "attention_and_momentum", "eviction", "cache_write"}
+    assert result["step_through_dispatcher_us"] > 0 and result["cpu_kernel"] == "reference"
     assert not hasattr(model, "_momentkv")
+    import momentkv.patches.attention as attention
+
+    assert attention.step.__module__ == "momentkv.ops.layer", "the no-op step is gone after the profile"
+
+
+def test_step_curve_and_crossover():
+    """The curve's points double from 64 and end at the last step; the crossover is where the ratio goes above 1
+    for good, not where it first touches it."""
+    curve = step_curve([0.001] * 100 + [0.002] * 200)
+    assert [n for n, _ in curve] == [64, 128, 256, 300]
+    assert curve[0][1] == 1.0 and curve[-1][1] == 2.0
+    assert _crossover([[64, 0.9], [128, 1.1], [256, 0.95], [512, 1.2], [1024, 1.3]]) == 512
+    assert _crossover([[64, 1.2], [128, 0.9]]) is None

@@ -230,17 +230,22 @@ def test_eviction_choice_ignores_the_row_index(policy):
 
 @pytest.mark.parametrize("kwargs", [dict(softcap=30.0), dict(sliding_window=4), dict()], ids=str)
 def test_decode_refuses_keys_not_its_own_and_maths_it_does_not_compute(kwargs):
-    """The per-step guard behind patch's trial generation: another tensor than the cache's keys, or an
-    argument that changes a full-attention layer's maths, raises before any output."""
+    """The per-step guard behind patch's trial generation: another tensor than the new token the layer's
+    cache received (or none received), or an argument that changes a full-attention layer's maths, raises
+    before any output."""
     from momentkv.patches.attention import UnsupportedAttention, _check_decode_call
 
-    layer = type("Layer", (), dict(keys=torch.zeros(1), values=torch.zeros(1)))()
+    own = (torch.zeros(1), torch.zeros(1))
+    layer = type("Layer", (), dict(incoming=own))()
     module = type("Attention", (), dict(layer_idx=3))()
-    own = (layer.keys, layer.values)
     if kwargs:
         with pytest.raises(UnsupportedAttention, match=f"layer 3 .*uses {next(iter(kwargs))}="):
             _check_decode_call(layer, module, *own, kwargs)
-    else:
-        _check_decode_call(layer, module, *own, kwargs)
-        with pytest.raises(UnsupportedAttention, match="other than the cache's own"):
-            _check_decode_call(layer, module, layer.keys.clone(), layer.values, kwargs)
+        return
+    _check_decode_call(layer, module, *own, kwargs)
+    assert layer.incoming is None  # taken
+    with pytest.raises(UnsupportedAttention, match="other than the cache's own"):
+        _check_decode_call(layer, module, *own, kwargs)  # the same token twice: attention called twice
+    layer.incoming = own
+    with pytest.raises(UnsupportedAttention, match="other than the cache's own"):
+        _check_decode_call(layer, module, own[0].clone(), own[1], kwargs)
