@@ -132,7 +132,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def kernels(ctx: Context, until: float) -> dict[str, Any]:
     """Each op's device kernel against the plain-PyTorch reference on the same inputs."""
-    from momentkv.ops.layer import attend, evict, score_prompt
+    from momentkv.ops.layer import attend, evict, score_prompt, step
 
     sizes, device = ctx.sizes, ctx.device
     rows, skipped = [], []
@@ -163,6 +163,16 @@ def kernels(ctx: Context, until: float) -> dict[str, Any]:
             row[f"{key}_same_victims"] = bool(torch.equal(mine.valid, ref.valid)
                                               and torch.equal(mine.free_slot, ref.free_slot))
             row[f"{key}_moments_rel_error"] = max(_rel(a, b) for a, b in zip(mine.moments[1:], ref.moments[1:]))
+        # The whole step (write, attention, eviction) over the budget, as decoding calls it.
+        mine, ref = state.clone(), state.clone()
+        token = torch.randn(2, 2, 1, dim, generator=gen, device=device).to(dtype)
+        settings = dict(scale=scale, alpha=0.9, corrected=True, moment_weight=0.0, sinks=None, **rule)
+        for each in (mine, ref):
+            each.decode_len.fill_(budget + 1)
+        out = step(mine, query, token, token, **settings)
+        expected = step(ref, query, token, token, **settings, route="reference")
+        row["step_rel_error"] = _rel(out, expected)
+        row["step_same_victims"] = bool(torch.equal(mine.valid, ref.valid) and torch.equal(mine.free_slot, ref.free_slot))
         prompt = torch.randn(2, 2 * group, 16, dim, generator=gen, device=device).to(dtype)
         valid = torch.ones(2, sizes.kernel_slots, dtype=torch.bool, device=device)
         got = score_prompt(prompt, state.keys, valid, scale=scale, alpha=0.9)
@@ -172,7 +182,8 @@ def kernels(ctx: Context, until: float) -> dict[str, Any]:
         row["passed"] = (row["finite"] and row["attention_rel_error"] < tolerance
                          and row["importance_max_error"] < tolerance and row["prefill_rel_error"] < tolerance
                          and row["evict_over_budget_same_victims"] and row["evict_under_budget_same_victims"]
-                         and row["evict_over_budget_moments_rel_error"] < 1e-4)
+                         and row["evict_over_budget_moments_rel_error"] < 1e-4
+                         and row["step_rel_error"] < tolerance and row["step_same_victims"])
         rows.append(row)
     failed = [r for r in rows if not r["passed"]]
     return dict(rows=rows, skipped=skipped, passed=not failed,

@@ -11,13 +11,15 @@ import torch
 
 
 def commit() -> str:
-    """The checked-out commit (``MOMENTKV_COMMIT`` where the tree travels without its git folder), or "unknown"."""
+    """The checked-out commit (``MOMENTKV_COMMIT`` where the tree travels without its git folder), or "unknown";
+    "+modified" when tracked files differ from it, so that a result never claims a commit it did not run."""
     if os.environ.get("MOMENTKV_COMMIT"):
         return os.environ["MOMENTKV_COMMIT"]
+    git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,  # noqa: E731
+                                       cwd=Path(__file__).parent).stdout.strip()
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent)
-        return done.stdout.strip() or "unknown"
+        head = git("rev-parse", "HEAD")
+        return (head + ("+modified" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

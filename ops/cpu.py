@@ -21,7 +21,7 @@ from .kernels import REFERENCES, register
 def _signature(args: tuple) -> tuple:
     """What a compiled kernel is specialised on: the non-tensor arguments, each tensor's layout, and the modes
     (grad, inference, autocast) it was traced under: the checks dynamo's guards would make on each call."""
-    layout = tuple((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+    layout = tuple([(a.shape, a.stride(), a.dtype, a.is_cpu) if isinstance(a, torch.Tensor) else a for a in args])
     return layout, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu")
 
 

@@ -40,20 +40,18 @@ def decode_step(layer: BudgetedLayer, query: Tensor, key: Tensor, value: Tensor,
     sinks [Hq]: the model's learned attention-sink logits, if it has them. heads: the tensor-parallel ranks
     holding the layer's other KV heads; a layer-scope victim is chosen over all of them, so that step is
     split around the collective (write, attend, rank, evict)."""
-    cfg, state = layer.config, layer.state
-    attention = dict(scale=scale, alpha=cfg.alpha, corrected=cfg.corrected, moment_weight=cfg.moment_weight,
-                     sinks=sinks)
-    rule = dict(policy=cfg.policy_id, bias_correction=cfg.bias_correction, recent_window=cfg.recent_window,
-                cap_window=cfg.cap_window, shared=cfg.scope == "layer", seed=cfg.seed)
-    if not (rule["shared"] and heads.size > 1):
-        return step(state, query[:, :, 0], key, value, budget=cfg.budget, fold=cfg.corrected, **attention,
-                    **rule).unsqueeze(1)
-    write(state, key, value, budget=cfg.budget)
-    out = attend(state, query[:, :, 0], **attention)
+    state, settings = layer.state, layer.step_settings
+    if not (settings["shared"] and heads.size > 1):
+        return step(state, query[:, :, 0], key, value, scale=scale, sinks=sinks, **settings).unsqueeze(1)
+    attention = {name: settings[name] for name in ("alpha", "corrected", "moment_weight")}
+    rule = {name: settings[name] for name in ("policy", "bias_correction", "recent_window", "cap_window", "shared",
+                                              "seed")}
+    write(state, key, value, budget=settings["budget"])
+    out = attend(state, query[:, :, 0], scale=scale, sinks=sinks, **attention)
     rank = eviction_rank(importance=state.importance, normalizer=state.normalizer, positions=state.positions,
                          valid=state.valid, evictable=state.evictable, seen=state.seen, draw=state.decode_len,
                          combine=heads.combine, ranks=heads.size, **rule)
-    evict(state, budget=cfg.budget, fold=cfg.corrected, rank=rank, **rule)
+    evict(state, budget=settings["budget"], fold=settings["fold"], rank=rank, **rule)
     return out.unsqueeze(1)
 
 

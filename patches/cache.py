@@ -49,6 +49,12 @@ class BudgetedLayer(CacheLayerMixin):
         self.config = config
         self.prompt_slots = prompt_slots
         self.num_slots = prompt_slots + config.budget + 1
+        # The decode step's settings (``ops.layer.step``), built once: the step runs per layer and token.
+        self.step_settings = dict(alpha=config.alpha, corrected=config.corrected, moment_weight=config.moment_weight,
+                                  budget=config.budget, policy=config.policy_id,
+                                  bias_correction=config.bias_correction, recent_window=config.recent_window,
+                                  cap_window=config.cap_window, shared=config.scope == "layer", seed=config.seed,
+                                  fold=config.corrected)
         self.prefilled = False
         self.pending: PendingPrompt | None = None
         self.state: LayerState | None = None

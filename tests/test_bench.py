@@ -49,3 +49,22 @@ def test_step_curve_and_crossover():
     assert curve[0][1] == 1.0 and curve[-1][1] == 2.0
     assert _crossover([[64, 0.9], [128, 1.1], [256, 0.95], [512, 1.2], [1024, 1.3]]) == 512
     assert _crossover([[64, 1.2], [128, 0.9]]) is None
+
+
+def test_a_result_from_a_modified_tree_says_so(monkeypatch):
+    """Results record the commit they ran; with tracked files changed since, the commit alone would be a claim
+    the result cannot back."""
+    import subprocess
+
+    from momentkv.evals import provenance
+
+    monkeypatch.delenv("MOMENTKV_COMMIT", raising=False)
+    answers = {"rev-parse": "abc123\n", "status": " M ops/cpu.py\n"}
+
+    def fake_git(command, **kwargs):
+        return subprocess.CompletedProcess(command, 0, stdout=answers[command[1]], stderr="")
+
+    monkeypatch.setattr(provenance.subprocess, "run", fake_git)
+    assert provenance.commit() == "abc123+modified"
+    answers["status"] = ""
+    assert provenance.commit() == "abc123"
