@@ -249,3 +249,22 @@ def test_decode_refuses_keys_not_its_own_and_maths_it_does_not_compute(kwargs):
     layer.incoming = own
     with pytest.raises(UnsupportedAttention, match="other than the cache's own"):
         _check_decode_call(layer, module, own[0].clone(), own[1], kwargs)
+
+
+def test_a_token_that_never_reaches_the_attention_is_refused_not_lost(tiny_model):
+    """The decode op writes each token when the attention reads it; a model that updated a budgeted layer's
+    cache but attended elsewhere would decode over a cache missing that token. The next update says so, and a
+    new generation (which resets the cache) starts clean."""
+    from momentkv.patches.support import UnsupportedAttention
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(0))
+    with momentkv.patched(model, budget=4):
+        first = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        layer = momentkv.state_of(model).cache.budgeted_layers[0]
+        token = torch.zeros(1, layer.num_heads, 1, layer.keys.shape[-1])
+        layer.update(token, token)  # received, never attended
+        with pytest.raises(UnsupportedAttention, match="never reached momentkv's attention"):
+            layer.update(token, token)
+        again = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(first, again)
