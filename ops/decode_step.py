@@ -26,19 +26,18 @@ def write_token(keys: Tensor, values: Tensor, valid: Tensor, importance: Tensor,
     decode region (``budget + 1`` slots after the ``P`` prompt slots) has room, then ``free_slot``, the slot the
     last eviction freed. The slot starts valid with a zero score; ``seen`` and ``decode_len`` count the token.
 
-    ``index_put_`` rather than ``scatter_``: compiled, a scatter into a buffer that is read afterwards is
-    functionalised into a copy of the whole buffer each step, an index_put is done in place."""
+    Indexed assignment (``index_put_``) rather than ``scatter_``: compiled, a scatter into a buffer that is read
+    afterwards is functionalised into a copy of the whole buffer each step, an index_put is done in place."""
     prompt_slots = keys.shape[2] - budget - 1
     target = torch.where(decode_len <= budget, prompt_slots + decode_len, free_slot)  # [B, H]
     batch = torch.arange(keys.shape[0], device=keys.device)[:, None]
     head = torch.arange(keys.shape[1], device=keys.device)[None, :]
-    where = (batch, head, target)
-    keys.index_put_(where, key[:, :, 0])
-    values.index_put_(where, value[:, :, 0])
-    valid.index_put_(where, torch.ones((), dtype=torch.bool, device=valid.device))
-    importance.index_put_(where, torch.zeros((), dtype=importance.dtype, device=importance.device))
-    normalizer.index_put_(where, torch.zeros((), dtype=normalizer.dtype, device=normalizer.device))
-    positions.index_put_(where, seen)
+    keys[batch, head, target] = key[:, :, 0]
+    values[batch, head, target] = value[:, :, 0]
+    valid[batch, head, target] = True
+    importance[batch, head, target] = 0.0
+    normalizer[batch, head, target] = 0.0
+    positions[batch, head, target] = seen
     seen.add_(1)
     decode_len.add_(1)
 
