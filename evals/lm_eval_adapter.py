@@ -1,7 +1,8 @@
 """lm-evaluation-harness with the budgeted cache: the ``momentkv`` model and the ``momentkv-lm-eval`` command.
 
 ``--model momentkv --model_args pretrained=<folder or "smollm2">,budget=64,alpha=0.9,...`` takes every
-:class:`MomentKVConfig` option (plus ``compile``). ``generate_until`` runs through the patched
+:class:`MomentKVConfig` option, ``compile``, and ``preset`` (a published rule of :mod:`momentkv.presets`,
+the other options overriding it). ``generate_until`` runs through the patched
 ``generate``. Log-likelihoods stream the continuation through the compressed cache one token
 at a time (the context is the prompt), instead of lm-eval's single full-sequence forward, which
 would never evict anything.
@@ -23,6 +24,7 @@ from transformers import LogitsProcessorList
 
 import momentkv
 from momentkv import MomentKVConfig
+from momentkv.presets import PRESETS
 
 from .fidelity import TeacherForcing
 from .models import smollm2_checkpoint
@@ -40,9 +42,13 @@ def resolve_pretrained(pretrained: Any) -> Any:
 class MomentKVLM(HFLM):
     """lm-eval's HF model with ``momentkv.patch`` applied."""
 
-    def __init__(self, pretrained: Any = "smollm2", budget: int = 64, compile: bool | None = None, **kwargs: Any):
+    def __init__(self, pretrained: Any = "smollm2", budget: int = 64, compile: bool | None = None,
+                 preset: str | None = None, **kwargs: Any):
         options = {name: kwargs.pop(name) for name in list(kwargs) if name in OPTIONS}
-        self.momentkv_config = MomentKVConfig(budget=budget, **options)  # validated before the model loads
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+        make = PRESETS[preset] if preset else MomentKVConfig
+        self.momentkv_config = make(budget, **options)  # validated before the model loads
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(pretrained=resolve_pretrained(pretrained), **kwargs)
         momentkv.patch(self.model, config=self.momentkv_config, compile=compile)
@@ -107,6 +113,22 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _resolve_model_args(argv: list[str]) -> list[str]:
+    """``pretrained=smollm2`` in ``--model_args`` becomes the checkpoint's folder before lm-eval parses it, so
+    that everything reading the model arguments (RULER's tokenizer among them) finds the model offline."""
+    out, follows = [], False
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if follows or (flag == "--model_args" and eq):
+            value = arg if follows else value
+            value = ",".join(f"pretrained={resolve_pretrained('smollm2')}" if item.strip() == "pretrained=smollm2"
+                             else item for item in value.split(","))
+            arg = value if follows else f"--model_args={value}"
+        follows = arg == "--model_args"
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """``momentkv-lm-eval``: lm-eval's own command line, with the ``momentkv`` model registered and
     momentkv's offline tasks on the include path."""
@@ -120,5 +142,5 @@ def main(argv: list[str] | None = None) -> None:
         argv = ["run", *argv]  # lm-eval's subcommands; without one it runs "run"
     if argv and argv[0] in ("run", "ls", "validate") and "--include_path" not in argv:
         argv += ["--include_path", str(TASKS)]
-    sys.argv = ["momentkv-lm-eval", *argv]
+    sys.argv = ["momentkv-lm-eval", *_resolve_model_args(argv)]
     cli_evaluate()

@@ -30,10 +30,11 @@ class Method:
 FULL = "full"
 _PLAIN = dict(correction="none")
 _UNPROTECTED = dict(protect_prompt=False, sinks=4)
+_KEPT = dict(protect_prompt=True)  # pinned: the rows keep their meaning whatever the library's default
 _ALONE = dict(prefill_vote=0.0)  # published rules choose prompt tokens per layer (and head)
 
 BASELINES = (
-    Method("momentum", "momentkv's defaults without moment correction", _PLAIN),
+    Method("momentum", "momentkv with the prompt kept, without moment correction", dict(**_PLAIN, **_KEPT)),
     Method("momentum-open", "momentkv-open without moment correction", dict(**_PLAIN, **_UNPROTECTED)),
     Method("window+moments", "recency window, prompt kept, with moment correction", dict(correction="moments"),
            preset=presets.window),
@@ -43,15 +44,17 @@ BASELINES = (
     Method("tova", "instantaneous attention per KV head (TOVA)", preset=presets.tova),
     Method("tova-layer", "instantaneous attention shared across a layer's heads (TOVA as published)",
            preset=presets.tova_layer),
+    Method("snapkv", "SnapKV-style prompt compression: each layer and KV head keeps the prompt tokens the last 32 "
+           "queries attend to most", preset=presets.snapkv),
     Method("random", "uniformly random eviction", preset=presets.random),
 )
 
 MOMENTKV = (
-    Method("momentkv", "momentkv's defaults, prompt kept: momentum (a=0.9, bias-corrected) chooses one eighth of "
-           "the budget, the rest a recent window, moment correction; a prefill budget keeps the prompt tokens "
-           "the deeper 60% of the layers vote for"),
-    Method("momentkv-open", "momentkv's defaults with prompt tokens competing (protect_prompt=False, 4 sinks): "
-           "the newest max(budget, 64) tokens kept, momentum picks which prompt and older tokens fill the rest",
+    Method("momentkv", "momentkv with the prompt kept (protect_prompt=True; the default until issue 25): momentum "
+           "(a=0.9, bias-corrected) chooses one eighth of the budget, the rest a recent window, moment correction; "
+           "a prefill budget keeps the prompt tokens the deeper 60% of the layers vote for", _KEPT),
+    Method("momentkv-open", "momentkv's defaults, prompt tokens competing (protect_prompt=False, 4 sinks): the "
+           "newest max(budget, 64) tokens kept, momentum picks which prompt and older tokens fill the rest",
            _UNPROTECTED),
 )
 
@@ -80,7 +83,7 @@ VARIANTS = (
     Method("streamingllm+moments", "StreamingLLM with moment correction", dict(correction="moments"),
            preset=presets.streamingllm),
     Method("momentkv-informed", "momentkv with moment-informed eviction: momentum of the attention the "
-           "moments would not recover (moment_weight=1)", dict(moment_weight=1.0)),
+           "moments would not recover (moment_weight=1)", dict(moment_weight=1.0, **_KEPT)),
     Method("momentkv-open-informed", "momentkv-open with moment-informed eviction (moment_weight=1)",
            dict(moment_weight=1.0, **_UNPROTECTED)),
     Method("momentkv-open-w48", "prompt competes (4 sinks), the newest 48 tokens kept whatever the budget",
@@ -90,16 +93,16 @@ VARIANTS = (
     Method("momentkv-open-wcap", "prompt competes (4 sinks), the recent window as large as the cap allows: "
            "momentum chooses one evictable slot in eight at every budget", dict(recent_window=1 << 20, **_UNPROTECTED)),
     Method("momentkv-vote0", "momentkv with each layer and head choosing its prompt tokens alone (prefill_vote=0, "
-           "SnapKV-style: the default before the vote)", _ALONE),
+           "SnapKV-style: the default before the vote)", dict(**_ALONE, **_KEPT)),
     Method("momentkv-open-vote0", "momentkv-open with each layer and head choosing its prompt tokens alone",
            dict(**_ALONE, **_UNPROTECTED)),
     Method("momentkv-vote50", "momentkv with half of each layer's prefill score its own, half the vote "
-           "(prefill_vote=0.5)", dict(prefill_vote=0.5)),
+           "(prefill_vote=0.5)", dict(prefill_vote=0.5, **_KEPT)),
     Method("momentkv-open-vote50", "momentkv-open with prefill_vote=0.5", dict(prefill_vote=0.5, **_UNPROTECTED)),
     Method("momentkv-d67", "momentkv with only the deepest third of the layers voting (vote_depth=0.67)",
-           dict(vote_depth=0.67)),
+           dict(vote_depth=0.67, **_KEPT)),
     Method("momentkv-vote50-d67", "momentkv-vote50 with only the deepest third voting",
-           dict(prefill_vote=0.5, vote_depth=0.67)),
+           dict(prefill_vote=0.5, vote_depth=0.67, **_KEPT)),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in (*MOMENTKV, *BASELINES, *VARIANTS)}

@@ -77,8 +77,10 @@ class MomentKVConfig:
         the attention the moments would not recover if it were evicted (its probability minus
         the first-order estimate from the evicted mean key); at 0 (default) all of it. It changed
         nothing measurable on the held-apart prompts (results/eval/sweep.md).
-    protect_prompt: keep every prompt token (default); if False, prompt tokens
-        compete with decode tokens for slots, except the first ``sinks``.
+    protect_prompt: if False (default), prompt tokens compete with decode tokens for slots, except the
+        first ``sinks``; if True, every prompt token (or every one the prefill budget keeps) stays. Prompt
+        tokens competing led at equal memory on every workload measured: long generation along greedy and
+        sampled text, long prompts, streaming perplexity, retrieval (docs/results.md, "Choosing the default").
     sinks: leading prompt tokens never evicted when prompt tokens can be evicted.
     prefill_budget: if set, prompts longer than this are compressed at prefill to
         this many slots (SnapKV-style scoring over the last ``observation_window`` queries).
@@ -104,7 +106,7 @@ class MomentKVConfig:
     recent_window: int | None = None
     correction: str = "moments"
     moment_weight: float = 0.0
-    protect_prompt: bool = True
+    protect_prompt: bool = False
     sinks: int = 4
     prefill_budget: int | None = None
     observation_window: int = 32

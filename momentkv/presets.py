@@ -2,7 +2,8 @@
 
 ``momentkv.patch(model, config=momentkv.presets.streamingllm(budget=64))`` runs StreamingLLM; every
 preset takes the options of :class:`MomentKVConfig` as overrides (``correction="moments"`` adds the
-moment correction to any of them). None of them corrects by default: the rules are as published.
+moment correction to any of them). None of them corrects by default: the rules are as published. They
+keep the prompt unless the rule itself evicts prompt tokens (StreamingLLM), as they were evaluated.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ _ALONE = dict(prefill_vote=0.0)  # published rules choose prompt tokens per laye
 
 
 def _preset(budget: int, rule: dict[str, Any], overrides: dict[str, Any]) -> MomentKVConfig:
-    return MomentKVConfig(budget=budget, **{**_PLAIN, **rule, **overrides})
+    return MomentKVConfig(budget=budget, **{**_PLAIN, "protect_prompt": True, **rule, **overrides})
 
 
 def window(budget: int, **overrides: Any) -> MomentKVConfig:
@@ -46,10 +47,19 @@ def tova_layer(budget: int, **overrides: Any) -> MomentKVConfig:
     return tova(budget, **{"scope": "layer", **overrides})
 
 
+def snapkv(budget: int, **overrides: Any) -> MomentKVConfig:
+    """SnapKV-style prompt compression (Li et al., 2024; no pooling): with a ``prefill_budget``, each layer and
+    KV head keeps the prompt tokens the last ``observation_window`` (32) queries attend to most, summed, plus
+    those queries' own tokens; the compressed prompt is then kept, and decode tokens beyond the budget go by
+    cumulative attention outside a 32-token recent window (SnapKV itself never evicts while decoding)."""
+    rule = dict(alpha=1.0, bias_correction=False, recent_window=min(32, budget), **_ALONE)
+    return _preset(budget, rule, overrides)
+
+
 def random(budget: int, **overrides: Any) -> MomentKVConfig:
     """Uniformly random eviction (seeded by ``seed``): the floor any rule must beat."""
     return _preset(budget, dict(policy="random", **_ALONE), overrides)
 
 
 PRESETS = {"window": window, "streamingllm": streamingllm, "h2o": h2o, "tova": tova, "tova-layer": tova_layer,
-           "random": random}
+           "snapkv": snapkv, "random": random}

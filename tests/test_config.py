@@ -21,7 +21,7 @@ from momentkv import MomentKVConfig
         ({"budget": 8, "moment_weight": 1.5}, ValueError, "moment_weight"),
         ({"budget": 8, "moment_weight": None}, TypeError, "moment_weight"),
         ({"budget": 8, "moment_weight": 0.5, "correction": "none"}, ValueError, "moment_weight"),
-        ({"budget": 8, "recent_window": 9}, ValueError, "recent_window"),
+        ({"budget": 8, "recent_window": 9, "protect_prompt": True}, ValueError, "recent_window"),
         ({"budget": 8, "recent_window": -1}, ValueError, "recent_window"),
         ({"budget": 8, "sinks": -1}, ValueError, "sinks"),
         ({"budget": 8, "prefill_budget": 4, "sinks": 4}, ValueError, "prefill_budget"),
@@ -63,18 +63,28 @@ def test_default_recent_window(budget, protect_prompt, window):
     assert MomentKVConfig(budget=budget, protect_prompt=protect_prompt).recent_window == window
 
 
+def test_prompt_tokens_compete_by_default_with_sinks_and_a_long_window():
+    """The default chosen from the evidence at equal memory (docs/results.md, "Choosing the default")."""
+    config = MomentKVConfig(budget=32)
+    assert (config.protect_prompt, config.sinks, config.recent_window, config.cap_window) == (False, 4, 64, True)
+
+
 def test_window_may_exceed_budget_only_when_prompt_tokens_compete():
     assert MomentKVConfig(budget=8, protect_prompt=False, recent_window=100).recent_window == 100
     with pytest.raises(ValueError, match=r"recent_window must be an int in \[0, 8\]"):
-        MomentKVConfig(budget=8, recent_window=100)
+        MomentKVConfig(budget=8, recent_window=100, protect_prompt=True)
 
 
 PUBLISHED = {
     "window": dict(policy="window", protect_prompt=True),
     "streamingllm": dict(policy="window", protect_prompt=False, sinks=4),
-    "h2o": dict(policy="momentum", alpha=1.0, bias_correction=False, recent_window=32, prefill_vote=0.0),
-    "tova": dict(policy="momentum", alpha=0.0, bias_correction=False, recent_window=0, scope="head"),
+    "h2o": dict(policy="momentum", alpha=1.0, bias_correction=False, recent_window=32, prefill_vote=0.0,
+                protect_prompt=True),
+    "tova": dict(policy="momentum", alpha=0.0, bias_correction=False, recent_window=0, scope="head",
+                 protect_prompt=True),
     "tova-layer": dict(alpha=0.0, recent_window=0, scope="layer"),
+    "snapkv": dict(policy="momentum", alpha=1.0, bias_correction=False, recent_window=32, prefill_vote=0.0,
+                   protect_prompt=True),
     "random": dict(policy="random", prefill_vote=0.0),
 }
 

