@@ -1,0 +1,162 @@
+"""lm-evaluation-harness's own RULER tasks through the budgeted cache, offline and resumable.
+
+Each cell is one method at one context length and prefill compression: lm-eval generates the samples locally
+(``wonderwords``, ``nltk``), runs ``generate_until`` through the ``momentkv`` model (or stock HF for the full
+cache) and scores them. The decode budget is RULER's longest answer (128 tokens), so no method evicts while
+answering and the cells compare prefill selections at equal memory: ``length / compression + 128`` slots per
+layer and KV head. Tasks whose haystack or questions are downloaded are listed as not run.
+Usage: python -m momentkv.evals.ruler --out results/eval/ruler.json --lengths 4096 --compressions 4 --limit 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import smollm2_checkpoint
+from .provenance import versions
+
+TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
+NOT_RUN = {
+    "niah_single_2, niah_single_3, niah_multikey_1, niah_multiquery, niah_multivalue":
+        "haystack of Paul Graham's essays, downloaded from the hub",
+    "ruler_qa_squad, ruler_qa_hotpot": "questions from SQuAD and HotpotQA, downloaded from the hub",
+}
+DECODE_BUDGET = 128  # RULER's longest answer (max_gen_toks): answering evicts nothing
+# model arguments of each method on top of the budgets; None is stock HF, the full cache
+METHODS: dict[str, dict[str, Any] | None] = {
+    "full": None,
+    "momentkv": {},
+    "momentkv-kept": {"protect_prompt": True},
+    "streamingllm": {"preset": "streamingllm"},
+    "snapkv": {"preset": "snapkv"},
+}
+
+
+def language_model(method: str, length: int, compression: int, batch: int) -> Any:
+    """lm-eval's model for ``method``: stock HF for the full cache, else ``momentkv`` with a prefill budget of
+    ``length / compression`` and the decode budget."""
+    from lm_eval.models.huggingface import HFLM
+
+    from .lm_eval_adapter import MomentKVLM
+
+    options = METHODS[method]
+    if options is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return HFLM(pretrained=str(smollm2_checkpoint()), dtype="float32", batch_size=batch, device=device)
+    return MomentKVLM(pretrained="smollm2", dtype="float32", batch_size=batch, budget=DECODE_BUDGET,
+                      prefill_budget=length // compression, **options)
+
+
+def evaluate(method: str, length: int, compression: int, tasks: list[str], limit: int,
+             batch: int) -> dict[str, dict[str, Any]]:
+    """Score (the fraction of answers found) and a digest of the samples, per task, for one cell.
+
+    One ``simple_evaluate`` per task: lm-eval seeds Python's random module at each call and RULER draws its
+    samples from it, so a task gets the same samples whichever tasks or methods ran before (the digests check it).
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm = language_model(method, length, compression, batch)
+    manager = TaskManager(metadata={"max_seq_lengths": [length], "tokenizer": str(smollm2_checkpoint())})
+    found = {}
+    for task in tasks:
+        out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
+                                      apply_chat_template=True, log_samples=True)
+        docs = json.dumps([s["doc"] for s in out["samples"][task]], sort_keys=True, default=str)
+        found[task] = dict(score=float(out["results"][task][f"{length},none"]),
+                           samples=hashlib.sha1(docs.encode()).hexdigest()[:12])
+    return found
+
+
+def cell_key(method: str, length: int, compression: int, task: str) -> str:
+    return f"{method}/{length}/x{compression}/{task}"
+
+
+def run(path: Path, methods: list[str], lengths: list[int], compressions: list[int], tasks: list[str], limit: int,
+        batch: int) -> dict[str, Any]:
+    """Run every missing cell (the full cache once per length), saving after each."""
+    data = json.loads(path.read_text()) if path.exists() else {"limit": limit, "cells": {}}
+    if data["limit"] != limit:
+        raise ValueError(f"limit must match the file's ({data['limit']}) to extend it, got {limit}")
+    for length in lengths:
+        for method in methods:
+            for compression in [1] if METHODS[method] is None else compressions:
+                todo = [t for t in tasks if cell_key(method, length, compression, t) not in data["cells"]]
+                if not todo:
+                    continue
+                for task, found in evaluate(method, length, compression, todo, limit, batch).items():
+                    data["cells"][cell_key(method, length, compression, task)] = dict(**found, **versions())
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(data, indent=1))
+    return data
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """A table per length and compression: each task's score, its share of the full cache's, the average."""
+    cells = {key: entry["score"] for key, entry in data["cells"].items()}
+    tasks = [t for t in TASKS if any(key.endswith("/" + t) for key in cells)]
+    runs = sorted({tuple(key.split("/")[1:3]) for key in cells if not key.startswith("full/")},
+                  key=lambda lc: (int(lc[0]), int(lc[1][1:])))
+    lines = [f"# lm-eval RULER (SmolLM2-135M-Instruct, {data['limit']} samples per task)", "",
+             "Score: fraction of the answers found (lm-eval's RULER metric); in parentheses, the share of the full "
+             f"cache's score. Decode budget {DECODE_BUDGET} for every method.", ""]
+    for length, compression in runs:
+        budget = int(length) // int(compression[1:])
+        lines += [f"## {length} tokens, prefill budget {budget} ({compression}, {budget + DECODE_BUDGET} cache slots)",
+                  "", "| method | " + " | ".join(tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
+        full = [cells.get(f"full/{length}/x1/{t}") for t in tasks]
+        for method in METHODS:
+            key = "x1" if METHODS[method] is None else compression
+            scores = [cells.get(f"{method}/{length}/{key}/{t}") for t in tasks]
+            if all(s is None for s in scores):
+                continue
+            row = [("—" if s is None else f"{s:.2f}" + ("" if METHODS[method] is None or not f else f" ({s / f:.0%})"))
+                   for s, f in zip(scores, full)]
+            mean = None if None in scores else sum(scores) / len(scores)
+            lines.append(f"| {method} | " + " | ".join(row) + f" | {'—' if mean is None else f'{mean:.3f}'} |")
+        lines.append("")
+    digests: dict[tuple[str, str], set] = {}
+    for key, entry in data["cells"].items():
+        _, length, _, task = key.split("/")
+        digests.setdefault((length, task), set()).add(entry["samples"])
+    differ = [f"{task} at {length}" for (length, task), found in sorted(digests.items()) if len(found) > 1]
+    if differ:
+        lines += [f"**Warning: the methods saw different samples for {', '.join(differ)}.**", ""]
+    lines += ["Not run (offline machine):", ""] + [f"- {names}: {why}" for names, why in NOT_RUN.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("results/eval/ruler.json"))
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--lengths", default="4096", help="context lengths in tokens, comma-separated")
+    parser.add_argument("--compressions", default="4", help="prefill budget = length / each, comma-separated")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="lm-eval RULER tasks, comma-separated")
+    parser.add_argument("--limit", type=int, default=8, help="samples per task (lm-eval's --limit)")
+    parser.add_argument("--batch", type=int, default=4, help="lm-eval's batch size")
+    args = parser.parse_args(argv)
+    methods, tasks = args.methods.split(","), args.tasks.split(",")
+    for name in methods:
+        if name not in METHODS:
+            raise SystemExit(f"--methods: unknown {name!r}; known: {', '.join(METHODS)}")
+    for name in tasks:
+        if name not in TASKS:
+            raise SystemExit(f"--tasks: {name!r} is not an offline RULER task; known: {', '.join(TASKS)}")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    data = run(args.out, methods, [int(x) for x in args.lengths.split(",")],
+               [int(x) for x in args.compressions.split(",")], tasks, args.limit, args.batch)
+    args.out.with_suffix(".md").write_text(markdown(data))
+    print(markdown(data))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The lm-eval RULER runner: resumable cells, the full cache once per length, the table and its checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from momentkv.evals import ruler
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    calls = []
+
+    def evaluate(method, length, compression, tasks, limit, batch):
+        calls.append((method, length, compression, tuple(tasks)))
+        score = {"full": 0.8, "momentkv": 0.6}.get(method, 0.2)
+        return {t: dict(score=score, samples="same") for t in tasks}
+
+    monkeypatch.setattr(ruler, "evaluate", evaluate)
+    return calls
+
+
+def test_cells_resume_and_the_full_cache_runs_once_per_length(tmp_path, fake):
+    path = tmp_path / "ruler.json"
+    tasks = ["niah_single_1", "ruler_vt"]
+    ruler.run(path, ["full", "momentkv"], [1024], [2, 4], tasks, 2, 1)
+    assert fake == [("full", 1024, 1, tuple(tasks)), ("momentkv", 1024, 2, tuple(tasks)),
+                    ("momentkv", 1024, 4, tuple(tasks))]
+    ruler.run(path, ["full", "momentkv", "streamingllm"], [1024], [4], tasks + ["ruler_cwe"], 2, 1)
+    assert fake[3:] == [("full", 1024, 1, ("ruler_cwe",)), ("momentkv", 1024, 4, ("ruler_cwe",)),
+                        ("streamingllm", 1024, 4, tuple(tasks + ["ruler_cwe"]))]
+    with pytest.raises(ValueError, match="limit must match"):
+        ruler.run(path, ["full"], [1024], [4], tasks, 8, 1)
+
+
+def test_table_gives_each_score_as_a_share_of_the_full_cache(tmp_path, fake):
+    data = ruler.run(tmp_path / "r.json", ["full", "momentkv", "snapkv"], [2048], [4], ["niah_single_1"], 2, 1)
+    table = ruler.markdown(data)
+    assert "## 2048 tokens, prefill budget 512 (x4, 640 cache slots)" in table
+    assert "| momentkv | 0.60 (75%) | 0.600 |" in table and "| snapkv | 0.20 (25%) | 0.200 |" in table
+    assert "Warning" not in table and "ruler_qa_squad" in table  # the tasks not run are listed
+    data["cells"]["snapkv/2048/x4/niah_single_1"]["samples"] = "other"
+    assert "different samples for niah_single_1 at 2048" in ruler.markdown(data)
+
+
+def test_unknown_method_or_task_is_refused():
+    with pytest.raises(SystemExit, match="unknown 'h3o'"):
+        ruler.main(["--methods", "full,h3o"])
+    with pytest.raises(SystemExit, match="not an offline RULER task"):
+        ruler.main(["--tasks", "ruler_qa_squad"])
