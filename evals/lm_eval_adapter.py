@@ -28,6 +28,7 @@ from momentkv.presets import PRESETS
 
 from .fidelity import TeacherForcing
 from .models import smollm2_checkpoint
+from .ruler import TASKS as RULER_TASKS
 
 TASKS = Path(__file__).with_name("tasks")
 OPTIONS = {f.name for f in fields(MomentKVConfig)}
@@ -89,8 +90,9 @@ class MomentKVLM(HFLM):
                 for row, c in enumerate(continuations)]
 
 
-EXAMPLE = ("momentkv-lm-eval --model momentkv --model_args pretrained=smollm2,budget=64 "
-           "--tasks momentkv_niah_single --limit 4 --batch_size 4 --metadata '{\"context_tokens\": 1024}'")
+EXAMPLE = ("momentkv-lm-eval --model momentkv --model_args pretrained=smollm2,budget=128,prefill_budget=512 "
+           "--tasks niah_single_1 --limit 4 --batch_size 4 --apply_chat_template "
+           "--metadata '{\"max_seq_lengths\": [2048]}'")
 
 
 def usage() -> str:
@@ -100,10 +102,13 @@ def usage() -> str:
         "--model momentkv": "lm-eval's HF model with momentkv.patch applied: generate_until runs the patched "
                             "generate; log-likelihoods stream the continuation through the budgeted cache token by token.",
         "--model_args": "pretrained=<folder, hub id, or smollm2 (the offline SmolLM2-135M-Instruct)>, budget=<int>, "
-                        f"compile=<bool>, any MomentKVConfig option ({', '.join(sorted(OPTIONS - {'budget'}))}), "
+                        f"compile=<bool>, preset=<{'|'.join(PRESETS)}>, any MomentKVConfig option ({', '.join(sorted(OPTIONS - {'budget'}))}), "
                         "and lm-eval's HF arguments (dtype, device, max_length, ...).",
         "bundled tasks": f"{tasks} (tag momentkv), generated offline and sized by --metadata "
                          '\'{"context_tokens": 4096, "samples": 20, "document_tokens": 4096}\' (the defaults).',
+        "RULER": f"lm-eval's ruler tasks generated offline (wonderwords, nltk): {', '.join(RULER_TASKS)}, sized by "
+                 "--metadata '{\"max_seq_lengths\": [4096]}'; python -m momentkv.evals.ruler runs them for "
+                 "several methods into one table.",
         "everything else": "lm-eval's own command line: momentkv-lm-eval run --help",
     }
     lines = ["momentkv-lm-eval: lm-evaluation-harness with momentkv's budgeted cache.", "", f"  {EXAMPLE}", "",
