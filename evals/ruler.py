@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -55,8 +55,8 @@ def language_model(method: str, length: int, compression: int, batch: int) -> An
 
 
 def evaluate(method: str, length: int, compression: int, tasks: list[str], limit: int,
-             batch: int) -> dict[str, dict[str, Any]]:
-    """Score (the fraction of answers found) and a digest of the samples, per task, for one cell.
+             batch: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Score (the fraction of answers found) and a digest of the samples, task by task, for one cell.
 
     One ``simple_evaluate`` per task: lm-eval seeds Python's random module at each call and RULER draws its
     samples from it, so a task gets the same samples whichever tasks or methods ran before (the digests check it).
@@ -66,14 +66,12 @@ def evaluate(method: str, length: int, compression: int, tasks: list[str], limit
 
     lm = language_model(method, length, compression, batch)
     manager = TaskManager(metadata={"max_seq_lengths": [length], "tokenizer": str(smollm2_checkpoint())})
-    found = {}
     for task in tasks:
         out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
                                       apply_chat_template=True, log_samples=True)
         docs = json.dumps([s["doc"] for s in out["samples"][task]], sort_keys=True, default=str)
-        found[task] = dict(score=float(out["results"][task][f"{length},none"]),
-                           samples=hashlib.sha1(docs.encode()).hexdigest()[:12])
-    return found
+        yield task, dict(score=float(out["results"][task][f"{length},none"]),
+                         samples=hashlib.sha1(docs.encode()).hexdigest()[:12])
 
 
 def cell_key(method: str, length: int, compression: int, task: str) -> str:
@@ -82,7 +80,7 @@ def cell_key(method: str, length: int, compression: int, task: str) -> str:
 
 def run(path: Path, methods: list[str], lengths: list[int], compressions: list[int], tasks: list[str], limit: int,
         batch: int) -> dict[str, Any]:
-    """Run every missing cell (the full cache once per length), saving after each."""
+    """Run every missing cell (the full cache once per length), saving after each task."""
     data = json.loads(path.read_text()) if path.exists() else {"limit": limit, "cells": {}}
     if data["limit"] != limit:
         raise ValueError(f"limit must match the file's ({data['limit']}) to extend it, got {limit}")
@@ -92,10 +90,10 @@ def run(path: Path, methods: list[str], lengths: list[int], compressions: list[i
                 todo = [t for t in tasks if cell_key(method, length, compression, t) not in data["cells"]]
                 if not todo:
                     continue
-                for task, found in evaluate(method, length, compression, todo, limit, batch).items():
+                for task, found in evaluate(method, length, compression, todo, limit, batch):
                     data["cells"][cell_key(method, length, compression, task)] = dict(**found, **versions())
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(data, indent=1))
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(data, indent=1))
     return data
 
 

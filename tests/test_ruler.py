@@ -14,7 +14,7 @@ def fake(monkeypatch):
     def evaluate(method, length, compression, tasks, limit, batch):
         calls.append((method, length, compression, tuple(tasks)))
         score = {"full": 0.8, "momentkv": 0.6}.get(method, 0.2)
-        return {t: dict(score=score, samples="same") for t in tasks}
+        return ((t, dict(score=score, samples="same")) for t in tasks)
 
     monkeypatch.setattr(ruler, "evaluate", evaluate)
     return calls
@@ -48,3 +48,17 @@ def test_unknown_method_or_task_is_refused():
         ruler.main(["--methods", "full,h3o"])
     with pytest.raises(SystemExit, match="not an offline RULER task"):
         ruler.main(["--tasks", "ruler_qa_squad"])
+
+
+def test_an_interrupted_cell_keeps_the_tasks_it_finished(tmp_path, monkeypatch):
+    import json
+
+    def evaluate(method, length, compression, tasks, limit, batch):
+        yield tasks[0], dict(score=1.0, samples="s")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ruler, "evaluate", evaluate)
+    path = tmp_path / "ruler.json"
+    with pytest.raises(KeyboardInterrupt):
+        ruler.run(path, ["full"], [1024], [4], ["niah_single_1", "ruler_vt"], 2, 1)
+    assert set(json.loads(path.read_text())["cells"]) == {"full/1024/x1/niah_single_1"}
