@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +40,32 @@ METHODS: dict[str, dict[str, Any] | None] = {
 }
 
 
+_WARM: list[bool] = []  # whether this process has built a task once (see _fresh_task_modules)
+
+
+def warm_up() -> None:
+    """Build one small RULER task once per process (see :func:`_fresh_task_modules`)."""
+    from lm_eval.tasks import TaskManager
+
+    if not _WARM:
+        _fresh_task_modules()
+        metadata = {"max_seq_lengths": [1024], "tokenizer": str(smollm2_checkpoint())}
+        TaskManager(metadata=metadata).load_task_or_group(["niah_single_1"])
+        _WARM.append(True)
+
+
+def _fresh_task_modules() -> None:
+    """Drop the RULER modules lm-eval's task loader cached, so that the next build executes them afresh.
+
+    lm-eval seeds Python's and NumPy's generators at each ``simple_evaluate``, but keeps the modules its task files
+    name (in ``sys.modules``, marked ``__mtime__``), and RULER's common-words module draws from a generator of its
+    own: reused, a second method would get other samples. The first build of a process also draws differently
+    (measured: the same samples from the second build on), hence one warm-up build per process."""
+    for name in [n for n, module in sys.modules.items()
+                 if n.startswith("lm_eval.tasks.ruler.") and hasattr(module, "__mtime__")]:
+        del sys.modules[name]
+
+
 def language_model(method: str, length: int, compression: int, batch: int) -> Any:
     """lm-eval's model for ``method``: stock HF for the full cache, else ``momentkv`` with a prefill budget of
     ``length / compression`` and the decode budget."""
@@ -58,15 +85,18 @@ def evaluate(method: str, length: int, compression: int, tasks: list[str], limit
              batch: int) -> Iterator[tuple[str, dict[str, Any]]]:
     """Score (the fraction of answers found) and a digest of the samples, task by task, for one cell.
 
-    One ``simple_evaluate`` per task: lm-eval seeds Python's random module at each call and RULER draws its
-    samples from it, so a task gets the same samples whichever tasks or methods ran before (the digests check it).
+    One ``simple_evaluate`` per task, each from freshly executed task modules (:func:`_fresh_task_modules`), so
+    that a task gets the same samples whichever tasks or methods ran before (the digests check it).
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     lm = language_model(method, length, compression, batch)
-    manager = TaskManager(metadata={"max_seq_lengths": [length], "tokenizer": str(smollm2_checkpoint())})
+    metadata = {"max_seq_lengths": [length], "tokenizer": str(smollm2_checkpoint())}
+    warm_up()
     for task in tasks:
+        _fresh_task_modules()
+        manager = TaskManager(metadata=metadata)
         out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
                                       apply_chat_template=True, log_samples=True)
         docs = json.dumps([s["doc"] for s in out["samples"][task]], sort_keys=True, default=str)

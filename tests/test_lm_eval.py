@@ -98,3 +98,25 @@ def test_console_entry_runs_lm_eval_with_the_tasks_included():
                           "ls", "tasks"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "momentkv_niah_choice" in out.stdout and "momentkv_perplexity" in out.stdout
+
+
+def test_ruler_samples_do_not_depend_on_the_tasks_built_before():
+    """RULER's common-words task draws from a generator of its own module, which lm-eval keeps loaded."""
+    import random
+
+    import numpy as np
+    from lm_eval.tasks import TaskManager
+
+    from momentkv.evals import ruler
+    from momentkv.evals.models import smollm2_checkpoint
+
+    def docs(task: str) -> list:
+        ruler._fresh_task_modules()
+        random.seed(0), np.random.seed(1234)  # what simple_evaluate does at each call
+        manager = TaskManager(metadata={"max_seq_lengths": [1024], "tokenizer": str(smollm2_checkpoint())})
+        return [dict(d) for d in list(manager.load_task_or_group([task])[task].test_docs())[:4]]
+
+    ruler.warm_up()
+    first = docs("ruler_cwe")
+    docs("ruler_vt")
+    assert docs("ruler_cwe") == first
