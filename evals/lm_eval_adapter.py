@@ -111,8 +111,7 @@ def usage() -> str:
                  "several methods into one table.",
         "everything else": "lm-eval's own command line: momentkv-lm-eval run --help",
     }
-    lines = ["momentkv-lm-eval: lm-evaluation-harness with momentkv's budgeted cache.", "", f"  {EXAMPLE}", "",
-             "(about 30 seconds on a 2-core CPU, measured)", ""]
+    lines = ["momentkv-lm-eval: lm-evaluation-harness with momentkv's budgeted cache.", "", f"  {EXAMPLE}", ""]
     for name, text in items.items():
         lines.append(textwrap.fill(text, 100, initial_indent=f"{name:<18}", subsequent_indent=" " * 18))
     return "\n".join(lines)
