@@ -11,6 +11,7 @@ Usage: python -m momentkv.evals.ruler --out results/eval/ruler.json --lengths 40
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -40,18 +41,14 @@ METHODS: dict[str, dict[str, Any] | None] = {
 }
 
 
-_WARM: list[bool] = []  # whether this process has built a task once (see _fresh_task_modules)
-
-
+@functools.cache
 def warm_up() -> None:
-    """Build one small RULER task once per process (see :func:`_fresh_task_modules`)."""
+    """Build one small RULER task, once per process (see :func:`_fresh_task_modules`)."""
     from lm_eval.tasks import TaskManager
 
-    if not _WARM:
-        _fresh_task_modules()
-        metadata = {"max_seq_lengths": [1024], "tokenizer": str(smollm2_checkpoint())}
-        TaskManager(metadata=metadata).load_task_or_group(["niah_single_1"])
-        _WARM.append(True)
+    _fresh_task_modules()
+    metadata = {"max_seq_lengths": [1024], "tokenizer": str(smollm2_checkpoint())}
+    TaskManager(metadata=metadata).load_task_or_group(["niah_single_1"])
 
 
 def _fresh_task_modules() -> None:
