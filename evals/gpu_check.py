@@ -412,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit", default=None, help="the commit to record (default: $MOMENTKV_COMMIT, else "
                                                         "git rev-parse HEAD)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .models import default_device
+
+    device = torch.device(default_device(args.device))
     sizes = TINY if args.tiny else QUICK if args.quick else GPU
     if args.budget is not None:
         sizes = replace(sizes, budget_s=args.budget)

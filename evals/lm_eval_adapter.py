@@ -27,7 +27,7 @@ from momentkv import MomentKVConfig
 from momentkv.presets import PRESETS
 
 from .fidelity import TeacherForcing
-from .models import smollm2_checkpoint
+from .models import default_device, smollm2_checkpoint
 from .ruler import TASKS as RULER_TASKS
 
 TASKS = Path(__file__).with_name("tasks")
@@ -50,7 +50,7 @@ class MomentKVLM(HFLM):
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
         make = PRESETS[preset] if preset else MomentKVConfig
         self.momentkv_config = make(budget, **options)  # validated before the model loads
-        kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        kwargs.setdefault("device", default_device())
         super().__init__(pretrained=resolve_pretrained(pretrained), **kwargs)
         momentkv.patch(self.model, config=self.momentkv_config, compile=compile)
 

@@ -88,6 +88,11 @@ def tensor_parallel_loading() -> dict:
     return dict(tp_plan="auto")
 
 
+def default_device(device: str | None = None) -> str:
+    """``device`` if given, else CUDA where there is one: evaluations and benchmarks run on the GPU when lent."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def bench_model(name: str, device: str | None = None) -> tuple[PreTrainedModel, str]:
     """A model for speed benchmarks and a folder (or ``random:<config json>``) that rebuilds it elsewhere.
 
@@ -99,7 +104,7 @@ def bench_model(name: str, device: str | None = None) -> tuple[PreTrainedModel, 
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if name == "llama-3.1-8b-random":
         if distributed():

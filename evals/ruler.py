@@ -19,9 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
-from .models import smollm2_checkpoint
+from .models import default_device, smollm2_checkpoint
 from .provenance import versions
 
 TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
@@ -72,8 +70,7 @@ def language_model(method: str, length: int, compression: int, batch: int) -> An
 
     options = METHODS[method]
     if options is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return HFLM(pretrained=str(smollm2_checkpoint()), dtype="float32", batch_size=batch, device=device)
+        return HFLM(pretrained=str(smollm2_checkpoint()), dtype="float32", batch_size=batch, device=default_device())
     return MomentKVLM(pretrained="smollm2", dtype="float32", batch_size=batch, budget=DECODE_BUDGET,
                       prefill_budget=length // compression, **options)
 

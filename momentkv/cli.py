@@ -149,13 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump(summary, f, indent=2)
     elif args.command == "bench-kernels":
-        import torch
-
         from momentkv.evals.kernel_bench import main as bench_main
+        from momentkv.evals.models import default_device
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         bench_main(args.out, [int(k) for k in args.keys.split(",")], [int(b) for b in args.batches.split(",")],
-                   device)
+                   default_device(args.device))
     elif args.command == "bench":
         from momentkv.evals.bench import SYSTEMS, format_table, plot, run_bench
         from momentkv.evals.models import bench_model, distributed
