@@ -94,6 +94,8 @@ VARIANTS = (
            "momentum chooses one evictable slot in eight at every budget", dict(recent_window=1 << 20, **_UNPROTECTED)),
     Method("momentkv-open-a99-r50", "prompt competes (4 sinks), slow momentum (alpha 0.99), half the budget recent: "
            "the lead along sampled text (issue 25)", dict(alpha=0.99, **_UNPROTECTED), recent_fraction=0.5),
+    Method("momentkv-open-a99", "momentkv-open with slow momentum (alpha 0.99), the default window",
+           dict(alpha=0.99, **_UNPROTECTED)),
     Method("momentkv-vote0", "momentkv with each layer and head choosing its prompt tokens alone (prefill_vote=0, "
            "SnapKV-style: the default before the vote)", dict(**_ALONE, **_KEPT)),
     Method("momentkv-open-vote0", "momentkv-open with each layer and head choosing its prompt tokens alone",
