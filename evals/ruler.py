@@ -36,6 +36,9 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "momentkv-kept": {"protect_prompt": True},
     "streamingllm": {"preset": "streamingllm"},
     "snapkv": {"preset": "snapkv"},
+    # why the multi-key needle is lost at 2k: without the correction, and each layer choosing alone
+    "momentkv-plain": {"correction": "none"},
+    "momentkv-vote0": {"prefill_vote": 0.0},
 }
 
 
@@ -95,7 +98,13 @@ def evaluate(method: str, length: int, compression: int, tasks: list[str], limit
                                       apply_chat_template=True, log_samples=True)
         docs = json.dumps([s["doc"] for s in out["samples"][task]], sort_keys=True, default=str)
         yield task, dict(score=float(out["results"][task][f"{length},none"]),
-                         samples=hashlib.sha1(docs.encode()).hexdigest()[:12])
+                         samples=hashlib.sha1(docs.encode()).hexdigest()[:12], answers=answers(out["samples"][task]))
+
+
+def answers(samples: list[dict[str, Any]]) -> list[list[str]]:
+    """[expected, answered] per sample, from lm-eval's logged samples: whether a method's misses are the model's
+    (another value from the context) or the selection's (fragments of values)."""
+    return [[" / ".join(map(str, s["doc"]["outputs"])), s["filtered_resps"][0]] for s in samples]
 
 
 def cell_key(method: str, length: int, compression: int, task: str) -> str:

@@ -62,3 +62,9 @@ def test_an_interrupted_cell_keeps_the_tasks_it_finished(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ruler.run(path, ["full"], [1024], [4], ["niah_single_1", "ruler_vt"], 2, 1)
     assert set(json.loads(path.read_text())["cells"]) == {"full/1024/x1/niah_single_1"}
+
+
+def test_answers_pair_each_expected_value_with_the_answer_given():
+    samples = [{"doc": {"outputs": ["3968996"]}, "target": "['3968996']", "filtered_resps": [" 1111111."]},
+               {"doc": {"outputs": ["apple", "pear"]}, "target": "['apple', 'pear']", "filtered_resps": [" pear"]}]
+    assert ruler.answers(samples) == [["3968996", " 1111111."], ["apple / pear", " pear"]]
