@@ -101,10 +101,12 @@ def evaluate(method: str, length: int, compression: int, tasks: list[str], limit
                          samples=hashlib.sha1(docs.encode()).hexdigest()[:12], answers=answers(out["samples"][task]))
 
 
-def answers(samples: list[dict[str, Any]]) -> list[list[str]]:
-    """[expected, answered] per sample, from lm-eval's logged samples: whether a method's misses are the model's
-    (another value from the context) or the selection's (fragments of values)."""
-    return [[" / ".join(map(str, s["doc"]["outputs"])), s["filtered_resps"][0]] for s in samples]
+def answers(samples: list[dict[str, Any]]) -> list[list[str | bool]]:
+    """[expected, answered, whether the answer occurs in the context] per sample, from lm-eval's logged samples:
+    on the needle tasks a miss that occurs is the model's (another key's value), one that does not is made up
+    (say, from fragments of the values a compressed cache kept)."""
+    return [[" / ".join(map(str, s["doc"]["outputs"])), s["filtered_resps"][0],
+             s["filtered_resps"][0].strip().rstrip(".") in s["doc"]["input"]] for s in samples]
 
 
 def cell_key(method: str, length: int, compression: int, task: str) -> str:

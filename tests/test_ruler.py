@@ -64,7 +64,10 @@ def test_an_interrupted_cell_keeps_the_tasks_it_finished(tmp_path, monkeypatch):
     assert set(json.loads(path.read_text())["cells"]) == {"full/1024/x1/niah_single_1"}
 
 
-def test_answers_pair_each_expected_value_with_the_answer_given():
-    samples = [{"doc": {"outputs": ["3968996"]}, "target": "['3968996']", "filtered_resps": [" 1111111."]},
-               {"doc": {"outputs": ["apple", "pear"]}, "target": "['apple', 'pear']", "filtered_resps": [" pear"]}]
-    assert ruler.answers(samples) == [["3968996", " 1111111."], ["apple / pear", " pear"]]
+def test_answers_pair_each_expected_value_with_the_answer_and_whether_the_context_holds_it():
+    context = "One of the special magic numbers for rain is: 3968996. One for snow is: 1239465."
+    samples = [{"doc": {"outputs": ["3968996"], "input": context}, "filtered_resps": [" 1239465."]},
+               {"doc": {"outputs": ["3968996"], "input": context}, "filtered_resps": [" 1111111."]},
+               {"doc": {"outputs": ["apple", "pear"], "input": "pear apple"}, "filtered_resps": [" pear"]}]
+    assert ruler.answers(samples) == [["3968996", " 1239465.", True], ["3968996", " 1111111.", False],
+                                      ["apple / pear", " pear", True]]
