@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -106,7 +107,12 @@ def answers(samples: list[dict[str, Any]]) -> list[list[str | bool]]:
     on the needle tasks a miss that occurs is the model's (another key's value), one that does not is made up
     (say, from fragments of the values a compressed cache kept)."""
     return [[" / ".join(map(str, s["doc"]["outputs"])), s["filtered_resps"][0],
-             s["filtered_resps"][0].strip().rstrip(".") in s["doc"]["input"]] for s in samples]
+             _occurs(s["filtered_resps"][0].strip().rstrip("."), s["doc"]["input"])] for s in samples]
+
+
+def _occurs(answer: str, context: str) -> bool:
+    """Whether ``answer`` occurs in ``context`` as a whole (not inside a longer word or number)."""
+    return bool(answer) and re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", context) is not None
 
 
 def cell_key(method: str, length: int, compression: int, task: str) -> str:

@@ -68,6 +68,9 @@ def test_answers_pair_each_expected_value_with_the_answer_and_whether_the_contex
     context = "One of the special magic numbers for rain is: 3968996. One for snow is: 1239465."
     samples = [{"doc": {"outputs": ["3968996"], "input": context}, "filtered_resps": [" 1239465."]},
                {"doc": {"outputs": ["3968996"], "input": context}, "filtered_resps": [" 1111111."]},
+               {"doc": {"outputs": ["3968996"], "input": context}, "filtered_resps": [" 96899."]},
+               {"doc": {"outputs": ["3968996"], "input": context}, "filtered_resps": [" ."]},
                {"doc": {"outputs": ["apple", "pear"], "input": "pear apple"}, "filtered_resps": [" pear"]}]
     assert ruler.answers(samples) == [["3968996", " 1239465.", True], ["3968996", " 1111111.", False],
+                                      ["3968996", " 96899.", False], ["3968996", " .", False],
                                       ["apple / pear", " pear", True]]
