@@ -37,9 +37,12 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "momentkv-kept": {"protect_prompt": True},
     "streamingllm": {"preset": "streamingllm"},
     "snapkv": {"preset": "snapkv"},
-    # why the multi-key needle is lost at 2k: without the correction, and each layer choosing alone
+    # why the multi-key needle is lost at 2k: without the correction, each layer choosing alone, slow momentum,
+    # a longer recent window in the prefill selection
     "momentkv-plain": {"correction": "none"},
     "momentkv-vote0": {"prefill_vote": 0.0},
+    "momentkv-a99": {"alpha": 0.99},
+    "momentkv-w256": {"recent_window": 256},
 }
 
 
