@@ -172,8 +172,26 @@ def markdown(data: dict[str, Any]) -> str:
     differ = [f"{task} at {length}" for (length, task), found in sorted(digests.items()) if len(found) > 1]
     if differ:
         lines += [f"**Warning: the methods saw different samples for {', '.join(differ)}.**", ""]
+    lines += needle_misses(data)
     lines += ["Not run (offline machine):", ""] + [f"- {names}: {why}" for names, why in NOT_RUN.items()]
     return "\n".join(lines) + "\n"
+
+
+def needle_misses(data: dict[str, Any]) -> list[str]:
+    """A table of the needle cells that kept their answers: answers found, misses that name another value from the
+    context (the model's mistake), and misses that occur nowhere in it (made up)."""
+    rows = []
+    for key, entry in data["cells"].items():
+        if "answers" in entry and key.split("/")[-1].startswith("niah_"):
+            n = len(entry["answers"])
+            found = round(entry["score"] * n)
+            occurs = sum(bool(a[2]) for a in entry["answers"])
+            rows.append(f"| {key} | {found} | {occurs - found} | {n - occurs} |")
+    if not rows:
+        return []
+    return ["## Needle misses", "", "Of each cell's answers: found, another value from the context, made up (in the "
+            "context nowhere as a whole value).", "", "| cell | found | another value | made up |", "|---|---|---|---|",
+            *rows, ""]
 
 
 def main(argv: list[str] | None = None) -> None:
