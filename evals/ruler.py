@@ -178,15 +178,16 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def needle_misses(data: dict[str, Any]) -> list[str]:
-    """A table of the needle cells that kept their answers: answers found, misses that name another value from the
-    context (the model's mistake), and misses that occur nowhere in it (made up)."""
+    """A table of the needle cells that kept their answers: answers found (every expected value in the answer, as
+    RULER scores), misses that name another value from the context (the model's mistake), and misses that occur
+    nowhere in it (made up)."""
     rows = []
     for key, entry in data["cells"].items():
         if "answers" in entry and key.split("/")[-1].startswith("niah_"):
-            n = len(entry["answers"])
-            found = round(entry["score"] * n)
-            occurs = sum(bool(a[2]) for a in entry["answers"])
-            rows.append(f"| {key} | {found} | {occurs - found} | {n - occurs} |")
+            found = [all(v.lower() in answer.lower() for v in expected.split(" / "))
+                     for expected, answer, _ in entry["answers"]]
+            misses = [occurs for (_, _, occurs), hit in zip(entry["answers"], found) if not hit]
+            rows.append(f"| {key} | {sum(found)} | {sum(misses)} | {len(misses) - sum(misses)} |")
     if not rows:
         return []
     return ["## Needle misses", "", "Of each cell's answers: found, another value from the context, made up (in the "
