@@ -43,6 +43,8 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "momentkv-vote0": {"prefill_vote": 0.0},
     "momentkv-a99": {"alpha": 0.99},
     "momentkv-w256": {"recent_window": 256},
+    # each prompt token takes the best prefill score of the 10 before it (the value after the asked key)
+    "momentkv-carry10": {"prefill_carry": 10},
 }
 
 

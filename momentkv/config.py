@@ -93,6 +93,9 @@ class MomentKVConfig:
         the retrieval tasks and long prompts, the depth checked on held-apart needle samples
         (results/eval/fidelity.md, results/eval/needle-probe-niah_multikey-seed*.json).
     vote_depth: where the voting layers start, as a fraction of the budgeted layers, in [0, 1).
+    prefill_carry: at prefill compression, each prompt token's score is raised to the best of the
+        ``prefill_carry`` tokens before it, so that what follows a token the question attends to (the value
+        after a key the question names) is kept with it. 0 (default) scores each token alone.
     scope: "head" evicts per KV head; "layer" shares one victim across a layer's heads.
     prompt_bucket: prompt slots are sized in multiples of this, so that a compiled
         decode step is reused across prompts of similar length.
@@ -112,6 +115,7 @@ class MomentKVConfig:
     observation_window: int = 32
     prefill_vote: float = 1.0
     vote_depth: float = 0.4
+    prefill_carry: int = 0
     scope: str = "head"
     prompt_bucket: int = 64
     seed: int = 0
@@ -136,6 +140,7 @@ class MomentKVConfig:
         _check_int("observation_window", self.observation_window, 1)
         _check_fraction(self, "prefill_vote")
         _check_fraction(self, "vote_depth", below_one=True)  # at 1 no layer would vote
+        _check_int("prefill_carry", self.prefill_carry, 0)
         if self.prefill_budget is not None:
             _check_int("prefill_budget", self.prefill_budget, self.sinks + 1)
         _check_choice("scope", self.scope, SCOPES)

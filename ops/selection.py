@@ -87,6 +87,14 @@ def prompt_score(policy: int, importance: Tensor, normalizer: Tensor, key_valid:
     return score.masked_fill(~key_valid[:, None, :], 0.0)
 
 
+def carry_forward(score: Tensor, span: int) -> Tensor:
+    """Each score [..., L] raised to the best of the ``span`` scores before it: a fact is kept whole after the
+    token the question matched (at 2k tokens the multi-key needle's key was kept and its value never)."""
+    if span == 0:
+        return score
+    return torch.nn.functional.pad(score, (span, 0)).unfold(-1, span + 1, 1).amax(-1)
+
+
 def head_share(score: Tensor) -> Tensor:
     """Each score [B, H, L] as a share of its head's total: comparable across heads and layers."""
     return score / score.sum(-1, keepdim=True).clamp_min(1e-20)

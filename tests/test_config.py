@@ -31,6 +31,8 @@ from momentkv import MomentKVConfig
         ({"budget": 8, "prefill_vote": 2}, ValueError, "prefill_vote"),
         ({"budget": 8, "prefill_vote": "half"}, TypeError, "prefill_vote"),
         ({"budget": 8, "vote_depth": 1.0}, ValueError, r"vote_depth must be a float in \[0, 1\)"),
+        ({"budget": 8, "prefill_carry": -1}, ValueError, "prefill_carry must be an int >= 0"),
+        ({"budget": 8, "prefill_carry": 2.5}, TypeError, "prefill_carry"),
         ({"budget": 8, "vote_depth": -0.5}, ValueError, r"vote_depth must be a float in \[0, 1\)"),
         ({"budget": 8, "protect_prompt": "yes"}, TypeError, "protect_prompt"),
         ({"budget": 8, "bias_correction": 1}, TypeError, "bias_correction"),

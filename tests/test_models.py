@@ -180,6 +180,28 @@ def test_only_layers_from_vote_depth_vote(tiny_model):
     assert not torch.equal(deep_only, kept(0.0))
 
 
+@pytest.mark.parametrize("carry, chosen", [(0, [10, 11, 12, 13, 3]), (4, [3, 4, 5, 6, 7])])
+def test_prefill_carry_keeps_what_follows_a_hit(tiny_model, carry, chosen):
+    """One prompt token the queries attend to (a key named by the question): with ``prefill_carry`` the tokens
+    after it inherit its score and are kept with it (the value after the key), in place of the next-best."""
+    model = tiny_model("llama")
+    ids = torch.arange(1, 17)[None]
+    score = budgeted_cache.prompt_score
+
+    def one_hit(*args):
+        value = score(*args)
+        hit = torch.arange(16, dtype=value.dtype) * 1e-3  # below the hit, later tokens higher
+        hit[3] = 1.0
+        return hit.expand_as(value).clone()
+
+    with momentkv.patched(model, budget=4, prefill_budget=8, sinks=1, recent_window=2, prompt_bucket=4,
+                          prefill_carry=carry), mock.patch.object(budgeted_cache, "prompt_score", one_hit):
+        greedy(model, ids, torch.ones_like(ids), 1)
+        for layer in momentkv.state_of(model).cache.budgeted_layers:
+            kept = set(layer.state.positions[..., :8].flatten().tolist())
+            assert kept == {0, 14, 15, *chosen}
+
+
 def test_default_open_window_leaves_momentum_a_choice(tiny_model):
     """Prompt tokens competing, a short prompt: the default window (64) exceeds the cache, but at
     decode it is capped at 7/8 of the evictable slots, so the newest 7/8 stay and momentum, not age,
