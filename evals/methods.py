@@ -96,6 +96,9 @@ VARIANTS = (
            "the lead along sampled text (issue 25)", dict(alpha=0.99, **_UNPROTECTED), recent_fraction=0.5),
     Method("momentkv-open-a99", "momentkv-open with slow momentum (alpha 0.99), the default window",
            dict(alpha=0.99, **_UNPROTECTED)),
+    Method("momentkv-open-carry10", "momentkv-open with prefill_carry=10: each prompt token's prefill score is the "
+           "best of the 10 tokens before it (the value after a key the question names)",
+           dict(prefill_carry=10, **_UNPROTECTED)),
     Method("momentkv-vote0", "momentkv with each layer and head choosing its prompt tokens alone (prefill_vote=0, "
            "SnapKV-style: the default before the vote)", dict(**_ALONE, **_KEPT)),
     Method("momentkv-open-vote0", "momentkv-open with each layer and head choosing its prompt tokens alone",

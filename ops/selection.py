@@ -76,15 +76,16 @@ def sink_mask(valid: Tensor, sinks: int) -> Tensor:
 
 
 def prompt_score(policy: int, importance: Tensor, normalizer: Tensor, key_valid: Tensor, bias_correction: bool,
-                 seed: int) -> Tensor:
+                 seed: int, carry: int = 0) -> Tensor:
     """Selection score [B, H, L] of prompt tokens from their prefill scores, as decode eviction would score them
-    with the whole prompt seen (padding scores 0)."""
+    with the whole prompt seen, each raised to the best of the ``carry`` before it (padding scores 0)."""
     b, h, length = importance.shape
     positions = torch.arange(length, device=importance.device).expand(b, h, length)
     seen = torch.full((), length, dtype=torch.int64, device=importance.device)
     draw = torch.zeros((), dtype=torch.int64, device=importance.device)
+    padding = ~key_valid[:, None, :]  # masked before the carry (left padding) and after it (right padding)
     score = eviction_score(policy, importance, normalizer, positions, seen, draw, bias_correction, seed)
-    return score.masked_fill(~key_valid[:, None, :], 0.0)
+    return carry_forward(score.masked_fill(padding, 0.0), carry).masked_fill(padding, 0.0)
 
 
 def carry_forward(score: Tensor, span: int) -> Tensor:

@@ -18,7 +18,7 @@ from transformers.utils import is_torchdynamo_compiling
 from momentkv.config import MomentKVConfig
 from momentkv.ops.layer import LayerState, score_prompt
 from momentkv.ops.moments import merge_range, merge_set
-from momentkv.ops.selection import carry_forward, prompt_score, select_prompt, sink_mask, vote
+from momentkv.ops.selection import prompt_score, select_prompt, sink_mask, vote
 
 from .parallel import ONE_PROCESS, HeadGroup
 from .support import BOUNDED, BUDGETED, UnsupportedAttention, layer_types
@@ -144,9 +144,8 @@ class BudgetedLayer(CacheLayerMixin):
             pending.importance = pending.normalizer = torch.zeros(b, h, length, dtype=torch.float32,
                                                                   device=pending.keys.device)
         if length > self.prompt_slots:
-            score = prompt_score(cfg.policy_id, pending.importance, pending.normalizer, key_valid,
-                                 cfg.bias_correction, cfg.seed)
-            pending.score = carry_forward(score, cfg.prefill_carry).masked_fill(~key_valid[:, None, :], 0.0)
+            pending.score = prompt_score(cfg.policy_id, pending.importance, pending.normalizer, key_valid,
+                                         cfg.bias_correction, cfg.seed, cfg.prefill_carry)
 
     @property
     def awaits_vote(self) -> bool:

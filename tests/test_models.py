@@ -10,6 +10,7 @@ import torch
 from transformers import MaxLengthCriteria, StoppingCriteria, StoppingCriteriaList
 
 import momentkv
+from momentkv.ops import selection
 from momentkv.patches import cache as budgeted_cache
 from conftest import ARCHITECTURES, left_padded_batch
 
@@ -186,16 +187,18 @@ def test_prefill_carry_keeps_what_follows_a_hit(tiny_model, carry, chosen):
     after it inherit its score and are kept with it (the value after the key), in place of the next-best."""
     model = tiny_model("llama")
     ids = torch.arange(1, 17)[None]
-    score = budgeted_cache.prompt_score
+    score = selection.eviction_score
 
     def one_hit(*args):
         value = score(*args)
+        if value.shape[-1] != 16:  # a decode eviction, not the prompt's selection
+            return value
         hit = torch.arange(16, dtype=value.dtype) * 1e-3  # below the hit, later tokens higher
         hit[3] = 1.0
         return hit.expand_as(value).clone()
 
     with momentkv.patched(model, budget=4, prefill_budget=8, sinks=1, recent_window=2, prompt_bucket=4,
-                          prefill_carry=carry), mock.patch.object(budgeted_cache, "prompt_score", one_hit):
+                          prefill_carry=carry), mock.patch.object(selection, "eviction_score", one_hit):
         greedy(model, ids, torch.ones_like(ids), 1)
         for layer in momentkv.state_of(model).cache.budgeted_layers:
             kept = set(layer.state.positions[..., :8].flatten().tolist())

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from momentkv.ops import MOMENTUM, RANDOM, WINDOW, decode_attention, evict, eviction_score, merge_set, prefill_scores
+from momentkv.ops.selection import carry_forward, prompt_score
 
 
 def make_state(b=2, hq=4, hkv=2, s=7, d=8, dv=8, evicted=5, seed=0, dtype=torch.float32):
@@ -269,3 +270,16 @@ def test_opcheck_every_op():
     torch.library.opcheck(torch.ops.momentkv.evict.default, capped)
     torch.library.opcheck(torch.ops.momentkv.prefill_scores.default,
                           (torch.randn(2, 4, 3, d), st["keys"], torch.ones(2, s, dtype=torch.bool), 0.3, 0.9))
+
+
+@pytest.mark.parametrize("carry", [0, 2, 5])
+def test_prompt_score_carries_nothing_into_or_out_of_padding(carry):
+    """With ``prefill_carry`` a prompt token takes the best score of the tokens before it: never a padding
+    token's (left padding scores at random under the random policy) and never onto padding (right)."""
+    valid = torch.tensor([[False, False, False, True, True, True, True, True],
+                          [True, True, True, True, True, False, False, False]])
+    zeros = torch.zeros(2, 2, 8)
+    score = prompt_score(RANDOM, zeros, zeros, valid, False, seed=3, carry=carry)
+    raw = prompt_score(RANDOM, zeros, zeros, valid, False, seed=3)
+    assert (score[~valid[:, None, :].expand_as(score)] == 0).all()
+    assert torch.equal(score, carry_forward(raw, carry).masked_fill(~valid[:, None, :], 0.0))
