@@ -29,8 +29,10 @@ class Method:
 
 FULL = "full"
 _PLAIN = dict(correction="none")
-_UNPROTECTED = dict(protect_prompt=False, sinks=4)
-_KEPT = dict(protect_prompt=True)  # pinned: the rows keep their meaning whatever the library's default
+# pinned: the rows keep their meaning whatever the library's default (prefill_carry=10 is the default since
+# issue 25; it acts only when a prefill budget compresses the prompt, and these rows were measured without it)
+_UNPROTECTED = dict(protect_prompt=False, sinks=4, prefill_carry=0)
+_KEPT = dict(protect_prompt=True, prefill_carry=0)
 _ALONE = dict(prefill_vote=0.0)  # published rules choose prompt tokens per layer (and head)
 
 BASELINES = (
@@ -54,7 +56,8 @@ MOMENTKV = (
            "(a=0.9, bias-corrected) chooses one eighth of the budget, the rest a recent window, moment correction; "
            "a prefill budget keeps the prompt tokens the deeper 60% of the layers vote for", _KEPT),
     Method("momentkv-open", "momentkv's defaults, prompt tokens competing (protect_prompt=False, 4 sinks): the "
-           "newest max(budget, 64) tokens kept, momentum picks which prompt and older tokens fill the rest",
+           "newest max(budget, 64) tokens kept, momentum picks which prompt and older tokens fill the rest; with a "
+           "prefill budget each prompt token scored alone (prefill_carry=0; the default is momentkv-open-carry10)",
            _UNPROTECTED),
 )
 
@@ -96,9 +99,9 @@ VARIANTS = (
            "the lead along sampled text (issue 25)", dict(alpha=0.99, **_UNPROTECTED), recent_fraction=0.5),
     Method("momentkv-open-a99", "momentkv-open with slow momentum (alpha 0.99), the default window",
            dict(alpha=0.99, **_UNPROTECTED)),
-    Method("momentkv-open-carry10", "momentkv-open with prefill_carry=10: each prompt token's prefill score is the "
-           "best of the 10 tokens before it (the value after a key the question names)",
-           dict(prefill_carry=10, **_UNPROTECTED)),
+    Method("momentkv-open-carry10", "momentkv's defaults since issue 25: momentkv-open with prefill_carry=10, each "
+           "prompt token's prefill score the best of the 10 tokens before it (the value after a key the question "
+           "names)", {**_UNPROTECTED, "prefill_carry": 10}),
     Method("momentkv-vote0", "momentkv with each layer and head choosing its prompt tokens alone (prefill_vote=0, "
            "SnapKV-style: the default before the vote)", dict(**_ALONE, **_KEPT)),
     Method("momentkv-open-vote0", "momentkv-open with each layer and head choosing its prompt tokens alone",

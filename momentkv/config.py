@@ -95,7 +95,8 @@ class MomentKVConfig:
     vote_depth: where the voting layers start, as a fraction of the budgeted layers, in [0, 1).
     prefill_carry: at prefill compression, each prompt token's score is raised to the best of the
         ``prefill_carry`` tokens before it, so that what follows a token the question attends to (the value
-        after a key the question names) is kept with it. 0 (default) scores each token alone.
+        after a key the question names) is kept with it; 0 scores each token alone (as SnapKV). The default,
+        10, was chosen on lm-eval's RULER, the retrieval tasks and long prompts (docs/results.md).
     scope: "head" evicts per KV head; "layer" shares one victim across a layer's heads.
     prompt_bucket: prompt slots are sized in multiples of this, so that a compiled
         decode step is reused across prompts of similar length.
@@ -115,7 +116,7 @@ class MomentKVConfig:
     observation_window: int = 32
     prefill_vote: float = 1.0
     vote_depth: float = 0.4
-    prefill_carry: int = 0
+    prefill_carry: int = 10
     scope: str = "head"
     prompt_bucket: int = 64
     seed: int = 0

@@ -12,7 +12,7 @@ from typing import Any
 
 from momentkv.config import MomentKVConfig
 
-_PLAIN = dict(correction="none")
+_PLAIN = dict(correction="none", prefill_carry=0)  # as published: no correction, each prompt token scored alone
 _ALONE = dict(prefill_vote=0.0)  # published rules choose prompt tokens per layer and head, not by a vote
 
 

@@ -99,6 +99,7 @@ def test_presets_are_the_published_rules_and_take_overrides(name):
     preset = PRESETS[name]
     config = preset(64)
     assert config.budget == 64 and config.correction == "none"
+    assert config.prefill_carry == 0, "published rules score each prompt token alone"
     assert {key: getattr(config, key) for key in PUBLISHED[name]} == PUBLISHED[name]
     assert method(name).config(64) == config, "the evaluation's baseline is not the preset users get"
     assert preset(64, correction="moments").correction == "moments"

@@ -156,7 +156,8 @@ def test_prefill_vote_shares_the_prompt_selection(tiny_model, arch, alone_differ
 
 def test_only_layers_from_vote_depth_vote(tiny_model):
     """Of the tiny llama's two layers, vote_depth=0.5 lets only the second vote: the same choice as all
-    layers voting with the first layer's scores zeroed, and not the choice of both voting as they are."""
+    layers voting with the first layer's scores zeroed, and not the choice of both voting as they are
+    (tokens scored alone: a carry of 10 over a 16-token prompt would leave the layers little to differ on)."""
     model = tiny_model("llama")
     ids, mask = left_padded_batch()
     score = budgeted_cache.prompt_score
@@ -170,7 +171,7 @@ def test_only_layers_from_vote_depth_vote(tiny_model):
     def kept(depth, silence_first=False):
         calls.clear()
         with momentkv.patched(model, budget=4, prefill_budget=8, sinks=1, recent_window=2, prompt_bucket=4,
-                              vote_depth=depth), \
+                              vote_depth=depth, prefill_carry=0), \
                 mock.patch.object(budgeted_cache, "prompt_score", first_layer_silent if silence_first else score):
             greedy(model, ids, mask, 1)
             layer = momentkv.state_of(model).cache.budgeted_layers[0]
