@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from momentkv.ops import MOMENTUM, RANDOM, WINDOW, decode_attention, evict, eviction_score, merge_set, prefill_scores
-from momentkv.ops.selection import carry_forward, prompt_score
+from momentkv.ops.selection import prompt_score
 
 
 def make_state(b=2, hq=4, hkv=2, s=7, d=8, dv=8, evicted=5, seed=0, dtype=torch.float32):
@@ -274,12 +274,14 @@ def test_opcheck_every_op():
 
 @pytest.mark.parametrize("carry", [0, 2, 5])
 def test_prompt_score_carries_nothing_into_or_out_of_padding(carry):
-    """With ``prefill_carry`` a prompt token takes the best score of the tokens before it: never a padding
-    token's (left padding scores at random under the random policy) and never onto padding (right)."""
+    """With ``prefill_carry`` a prompt token takes the best score of the ``carry`` tokens before it (checked by
+    brute force): never a padding token's (left padding scores at random under the random policy) and never
+    onto padding (right)."""
     valid = torch.tensor([[False, False, False, True, True, True, True, True],
                           [True, True, True, True, True, False, False, False]])
     zeros = torch.zeros(2, 2, 8)
     score = prompt_score(RANDOM, zeros, zeros, valid, False, seed=3, carry=carry)
-    raw = prompt_score(RANDOM, zeros, zeros, valid, False, seed=3)
+    raw = prompt_score(RANDOM, zeros, zeros, valid, False, seed=3)  # padding 0, the rest in (0, 1)
+    expected = torch.stack([raw[..., max(0, t - carry):t + 1].amax(-1) for t in range(8)], -1)
     assert (score[~valid[:, None, :].expand_as(score)] == 0).all()
-    assert torch.equal(score, carry_forward(raw, carry).masked_fill(~valid[:, None, :], 0.0))
+    assert torch.equal(score, expected.masked_fill(~valid[:, None, :], 0.0))
