@@ -98,15 +98,15 @@ def environment(ctx: Context, until: float) -> dict[str, Any]:
             result["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.SubprocessError) as error:
             result["nvidia_smi"] = f"unavailable: {error}"
-    from momentkv.ops.kernels import _KERNELS
+    from momentkv.ops.kernels import registered
 
-    result["kernels"] = sorted(f"{name}:{device}" for name, device in _KERNELS)
+    result["kernels"] = [f"{name}:{device}" for name, device in registered()]
     return result
 
 
 def _random_state(batch: int, heads: int, slots: int, dim: int, dtype: torch.dtype, device: torch.device, seed: int):
     """A layer half-way through a generation: some slots invalid, some evicted tokens in the moments."""
-    from momentkv.ops.layer import LayerState
+    from momentkv.ops import LayerState
 
     gen = torch.Generator(device=device).manual_seed(seed)
     state = LayerState.allocate(batch, heads, slots, dim, dim, dtype, dtype, device)
@@ -132,7 +132,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def kernels(ctx: Context, until: float) -> dict[str, Any]:
     """Each op's device kernel against the plain-PyTorch reference on the same inputs."""
-    from momentkv.ops.layer import attend, evict, score_prompt, step
+    from momentkv.ops import NORMALIZED, StepSettings, call, prefill_scores
+    from momentkv.ops.prefill import prefill_scores_reference
 
     sizes, device = ctx.sizes, ctx.device
     rows, skipped = [], []
@@ -145,38 +146,40 @@ def kernels(ctx: Context, until: float) -> dict[str, Any]:
         state, gen = _random_state(2, 2, sizes.kernel_slots, dim, dtype, device, seed=group * 1000 + dim)
         query = torch.randn(2, 2 * group, dim, generator=gen, device=device).to(dtype)
         scale = dim ** -0.5
+        budget = sizes.kernel_slots // 2
+        settings = StepSettings(alpha=0.9, moments=True, moment_weight=0.0, budget=budget, score_kind=NORMALIZED,
+                                recent_window=8, cap_window=False, layer_scope=False, seed=0)
         mine, ref = state.clone(), state.clone()
-        out = attend(mine, query, scale=scale, alpha=0.9, corrected=True)
-        expected = attend(ref, query, scale=scale, alpha=0.9, corrected=True, route="reference")
+        out = call("decode_attention", mine, settings, query=query, scale=scale)
+        expected = call("decode_attention", ref, settings, query=query, scale=scale, route="reference")
         row = dict(case, attention_rel_error=_rel(out, expected), finite=bool(torch.isfinite(out).all()),
                    importance_max_error=(mine.importance - ref.importance).abs().max().item())
         for over in (False, True):  # under the budget a masked no-op; over it, one victim per head
             mine, ref = state.clone(), state.clone()
-            budget = sizes.kernel_slots // 2
             for each in (mine, ref):
                 each.decode_len.fill_(budget + 1 if over else budget)
-            rule = dict(budget=budget, policy=0, bias_correction=True, recent_window=8, cap_window=False,
-                        shared=False, seed=0, fold=True)
-            evict(mine, **rule)
-            evict(ref, **rule, route="reference")
+            call("evict", mine, settings)
+            call("evict", ref, settings, route="reference")
             key = "evict_over_budget" if over else "evict_under_budget"
             row[f"{key}_same_victims"] = bool(torch.equal(mine.valid, ref.valid)
                                               and torch.equal(mine.free_slot, ref.free_slot))
-            row[f"{key}_moments_rel_error"] = max(_rel(a, b) for a, b in zip(mine.moments[1:], ref.moments[1:]))
-        # The whole step (write, attention, eviction) over the budget, as decoding calls it.
+            row[f"{key}_moments_rel_error"] = max(_rel(getattr(mine, name), getattr(ref, name))
+                                                  for name in ("mu_k", "mu_v", "comoment"))
+        # The whole step (write, then attention and eviction) over the budget, as decoding calls it.
         mine, ref = state.clone(), state.clone()
         token = torch.randn(2, 2, 1, dim, generator=gen, device=device).to(dtype)
-        settings = dict(scale=scale, alpha=0.9, corrected=True, moment_weight=0.0, sinks=None, **rule)
         for each in (mine, ref):
             each.decode_len.fill_(budget + 1)
-        out = step(mine, query, token, token, **settings)
-        expected = step(ref, query, token, token, **settings, route="reference")
+        call("write", mine, settings, key=token, value=token)
+        call("write", ref, settings, key=token, value=token, route="reference")
+        out = call("decode_step", mine, settings, query=query, scale=scale)
+        expected = call("decode_step", ref, settings, query=query, scale=scale, route="reference")
         row["step_rel_error"] = _rel(out, expected)
         row["step_same_victims"] = bool(torch.equal(mine.valid, ref.valid) and torch.equal(mine.free_slot, ref.free_slot))
         prompt = torch.randn(2, 2 * group, 16, dim, generator=gen, device=device).to(dtype)
         valid = torch.ones(2, sizes.kernel_slots, dtype=torch.bool, device=device)
-        got = score_prompt(prompt, state.keys, valid, scale=scale, alpha=0.9)
-        want = score_prompt(prompt, state.keys, valid, scale=scale, alpha=0.9, route="reference")
+        got = prefill_scores(prompt, state.keys, valid, scale, 0.9)
+        want = prefill_scores_reference(prompt, state.keys, valid, scale, 0.9)
         row["prefill_rel_error"] = max(_rel(a, b) for a, b in zip(got, want))
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2
         row["passed"] = (row["finite"] and row["attention_rel_error"] < tolerance

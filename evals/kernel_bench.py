@@ -19,9 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from momentkv.ops import MOMENTUM
+from momentkv.ops import NORMALIZED, LayerState, StepSettings, call
 from momentkv.ops.kernels import Route
-from momentkv.ops.layer import LayerState, attend, evict
 
 from .provenance import versions
 
@@ -93,13 +92,17 @@ def _rotating(sets: list, fn):
     return run
 
 
+def _settings(state: LayerState, moments: bool = True) -> StepSettings:
+    return StepSettings(alpha=0.9, moments=moments, moment_weight=0.0, budget=state.keys.shape[2] - 1,
+                        score_kind=NORMALIZED, recent_window=8, cap_window=False, layer_scope=False, seed=0)
+
+
 def _attention(query: torch.Tensor, state: LayerState, corrected: bool = True, route: Route = "kernel"):
-    return attend(state, query, scale=0.088, alpha=0.9, corrected=corrected, route=route)
+    return call("decode_attention", state, _settings(state, corrected), route=route, query=query, scale=0.088)
 
 
 def _evict(query: torch.Tensor, state: LayerState) -> None:
-    evict(state, budget=state.keys.shape[2] - 1, policy=MOMENTUM, bias_correction=True, recent_window=8,
-          cap_window=False, shared=False, seed=0, fold=True)
+    call("evict", state, _settings(state))
 
 
 def _check(query: torch.Tensor, state: LayerState) -> float:

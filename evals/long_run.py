@@ -32,7 +32,7 @@ class Watch(LogitsProcessor):
         self.step += 1
         if self.step % self.every == 0:
             layers = momentkv.state_of(self.model).active.budgeted_layers
-            stats = [t for layer in layers for t in (*layer.state.moments, layer.state.importance,
+            stats = [t for layer in layers for t in (layer.state.n, layer.state.mu_k, layer.state.mu_v, layer.state.comoment, layer.state.importance,
                                                       layer.state.normalizer)]
             point = dict(step=self.step, rss_bytes=rss_bytes(), scores_finite=bool(self.finite),
                          moments_finite=all(bool(torch.isfinite(t).all()) for t in stats),

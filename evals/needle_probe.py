@@ -11,18 +11,18 @@ Usage: python -m momentkv.evals.needle_probe --out results/eval/needle-probe.jso
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
-from unittest import mock
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import momentkv
-from momentkv.patches import cache as budgeted_cache
+from momentkv.policies.momentum import momentum
 
 from .methods import method
 from .models import chat_prompt, load_smollm2
@@ -31,6 +31,7 @@ from .workloads import RETRIEVAL_TASKS, RetrievalSample, retrieval_samples, retr
 ANSWER_TOKENS = 32  # as in the suite's retrieval workload
 DECODE_BUDGET = 32
 FACT_SCORE = 1e11  # above any attention score, below the prefill ranks of sinks and the recent window
+_ORACLES = itertools.count()
 
 
 def fact_tokens(tokenizer: PreTrainedTokenizerBase, text: str, sample: RetrievalSample) -> list[int]:
@@ -41,23 +42,28 @@ def fact_tokens(tokenizer: PreTrainedTokenizerBase, text: str, sample: Retrieval
 
 
 @contextmanager
-def facts_first(positions: list[int], from_layer: int) -> Iterator[None]:
-    """Inside, prefill compression ranks ``positions`` first in the budgeted layers numbered >= ``from_layer``
-    (in the order they score their prompt, which is model order); sinks and the recent window stay first.
-    Meant for ``prefill_vote=0``: a vote would carry the oracle's choice into the layers below ``from_layer``."""
-    score = budgeted_cache.prompt_score
-    layer = [-1]
+def facts_first(positions: list[int], from_layer: int) -> Iterator[str]:
+    """A registered rule, for the duration, whose name is yielded: momentum (``momentkv.policies.momentum``), with
+    the prompt tokens at ``positions`` scored first in the budgeted layers numbered >= ``from_layer``; sinks and
+    the recent window stay first. Meant for ``prefill_vote=0`` and a kept prompt: a vote would carry the oracle's
+    choice into the layers below ``from_layer``."""
+    facts = torch.tensor(positions)
 
-    def oracle_score(*args: Any) -> torch.Tensor:
-        layer[0] += 1
-        value = score(*args)
-        if layer[0] >= from_layer:
-            value = value.clone()
-            value[..., positions] = FACT_SCORE
-        return value
+    def oracle(score: torch.Tensor, attention: torch.Tensor, position: torch.Tensor, key: torch.Tensor,
+               step: torch.Tensor, *, alpha: float, bias_correction: bool, normalizer: torch.Tensor,
+               layer: int) -> torch.Tensor:
+        new = momentum(score, attention, position, key, step, alpha=alpha, bias_correction=bias_correction,
+                       normalizer=normalizer)
+        if layer < from_layer:
+            return new
+        return torch.where(torch.isin(position, facts.to(position.device)), FACT_SCORE, new)
 
-    with mock.patch.object(budgeted_cache, "prompt_score", oracle_score):
-        yield
+    name = f"facts-first-from-{from_layer}-{next(_ORACLES)}"
+    momentkv.register_policy(name, oracle)
+    try:
+        yield name
+    finally:
+        momentkv.unregister_policy(name)
 
 
 def kept_fractions(model: PreTrainedModel, ids: torch.Tensor, positions: list[int], config: momentkv.MomentKVConfig
@@ -100,9 +106,9 @@ def probe(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: str,
         accuracy["full"] += retrieval_score(answer(model, tokenizer, ids, None), sample.answers)
         accuracy[method_name] += retrieval_score(answer(model, tokenizer, ids, config), sample.answers)
         for n in oracle_from:
-            with facts_first(facts, n):
-                accuracy[f"oracle_from_{n}"] += retrieval_score(answer(model, tokenizer, ids, own_choice),
-                                                                sample.answers)
+            with facts_first(facts, n) as oracle:
+                accuracy[f"oracle_from_{n}"] += retrieval_score(
+                    answer(model, tokenizer, ids, replace(own_choice, policy=oracle)), sample.answers)
     per_layer = torch.tensor(kept)  # samples x layers x heads
     return dict(task=task, length=length, compression=compression, samples=samples, seed=seed, method=method_name,
                 options=options or {},

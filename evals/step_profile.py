@@ -1,10 +1,11 @@
 """Where a momentkv decode step's time goes, in the generation and kernel by kernel.
 
-In the generation: the same greedy generation timed as it is, with each layer's decode step replaced by a
-no-op (what remains is the rest of the model, hooks included), and with transformers' dynamic full cache;
-the difference is what the budgeted layers cost in place, cold caches and all. Kernel by kernel: after the
-generation, the one-op step (``decode_step``) and its parts (attention with the momentum update, eviction,
-cache write) are timed at the cache's real shapes on copies of its buffers (median of many warm calls).
+In the generation: the same greedy generation timed with the budgeted cache and with transformers' dynamic
+full cache; the difference per budgeted layer is what momentkv adds (or saves) in place, cold caches and all.
+Kernel by kernel: after the generation, a layer's two decode ops (``write``, ``decode_step``) and the step's
+parts (attention with the momentum update, eviction) are timed at the cache's real shapes on copies of its
+buffers (median of many warm calls), and the step once more through torch's dispatcher (what a compiled
+graph calls). Only public entry points: ``momentkv.patched``, ``state_of`` and ``ops.call``.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ import os
 import time
 from statistics import median
 from typing import Any, Callable
-from unittest import mock
 
 import torch
 from transformers import StoppingCriteriaList
 
 import momentkv
-from momentkv.ops.layer import attend, evict, step, write
-from momentkv.patches import attention as attention_module
+from momentkv.ops import call
 
 from .step_timer import StepTimer
 
@@ -48,10 +47,6 @@ def _generation_step_ms(model, ids, new_tokens: int, full_cache: bool = False) -
     return timer.summary(ids.shape[0])["step_ms_median"]
 
 
-def _no_step(state, query, key, value, **settings):
-    return torch.zeros_like(query)
-
-
 def profile_step(model, prompt_len: int, new_tokens: int, budget: int, batch: int = 1) -> dict[str, Any]:
     device = model.device
     ids = torch.randint(10, model.config.vocab_size, (batch, prompt_len),
@@ -59,46 +54,35 @@ def profile_step(model, prompt_len: int, new_tokens: int, budget: int, batch: in
     with momentkv.patched(model, budget=budget):
         model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)  # warm-up
         full_ms = _generation_step_ms(model, ids, new_tokens, full_cache=True)
-        with mock.patch.object(attention_module, "step", _no_step):
-            without_ms = _generation_step_ms(model, ids, new_tokens)
         step_ms = _generation_step_ms(model, ids, new_tokens)
-        cache = momentkv.state_of(model).cache
-        layers = cache.budgeted_layers
+        layers = momentkv.state_of(model).cache.budgeted_layers
         layer = layers[0]
-        cfg = layer.config
-        heads = model.config.num_attention_heads
         dim = layer.keys.shape[-1]
-        query = torch.randn(batch, heads, dim, dtype=layer.dtype, device=device)
+        query = torch.randn(batch, model.config.num_attention_heads, dim, dtype=layer.dtype, device=device)
         token = torch.randn(batch, layer.num_heads, 1, dim, dtype=layer.dtype, device=device)
-        attention = dict(scale=dim ** -0.5, alpha=cfg.alpha, corrected=cfg.corrected, moment_weight=cfg.moment_weight,
-                         sinks=None)
-        rule = dict(budget=cfg.budget, policy=cfg.policy_id, bias_correction=cfg.bias_correction,
-                    recent_window=cfg.recent_window, cap_window=cfg.cap_window, shared=cfg.scope == "layer",
-                    seed=cfg.seed, fold=cfg.corrected)
-        state = layer.state.clone()
+        state, settings = layer.state.clone(), layer.settings
         start = state.clone()
 
         def restored(fn: Callable[[], Any]) -> Callable[[], Any]:  # each call on the state the generation left
-            def call():
+            def run():
                 for mine, original in zip(state.tensors(), start.tensors()):
                     mine.copy_(original)
                 fn()
-            return call
+            return run
 
-        restore_us = _time_us(restored(lambda: None), device)
+        attend = dict(query=query, scale=dim ** -0.5)
         kernels = {
-            "decode_step": lambda: step(state, query, token, token, **attention, **rule),
-            "attention_and_momentum": lambda: attend(state, query, **attention),
-            "eviction": lambda: evict(state, **rule),
-            "cache_write": lambda: write(state, token, token, budget=cfg.budget),
+            "write": lambda: call("write", state, settings, key=token, value=token),
+            "decode_step": lambda: call("decode_step", state, settings, **attend),
+            "attention_and_momentum": lambda: call("decode_attention", state, settings, **attend),
+            "eviction": lambda: call("evict", state, settings),
         }
+        restore_us = _time_us(restored(lambda: None), device)
         per_layer = {name: _time_us(restored(fn), device) - restore_us for name, fn in kernels.items()}
-        # The step through torch's dispatcher (what a compiled graph calls), for its overhead.
-        dispatched_us = _time_us(restored(lambda: step(state, query, token, token, **attention, **rule,
-                                                       route="dispatcher")), device) - restore_us
-    in_generation_us = 1e3 * (step_ms - without_ms) / len(layers)
-    return dict(step_ms=step_ms, step_ms_without_budgeted_attention=without_ms, full_dynamic_step_ms=full_ms,
-                budgeted_layers=len(layers), step_per_layer_in_generation_us=in_generation_us,
+        dispatched_us = _time_us(restored(lambda: call("decode_step", state, settings, route="dispatcher", **attend)),
+                                 device) - restore_us
+    return dict(step_ms=step_ms, full_dynamic_step_ms=full_ms, budgeted_layers=len(layers),
+                added_per_layer_over_full_cache_us=1e3 * (step_ms - full_ms) / len(layers),
                 per_layer_warm_us=per_layer, step_through_dispatcher_us=dispatched_us,
                 cpu_kernel=os.environ.get("MOMENTKV_CPU_KERNEL", "fused"), budget=budget, prompt_len=prompt_len,
                 new_tokens=new_tokens, batch=batch, device=str(device))

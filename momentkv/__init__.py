@@ -10,6 +10,8 @@ from momentkv import presets
 from momentkv.config import MomentKVConfig
 from momentkv.patches import MomentKVCache
 from momentkv.patching import patch, patched, state_of, unpatch
+from momentkv.policies import policy_names, register_policy, unregister_policy
 
 __version__ = "0.1.0"
-__all__ = ["MomentKVCache", "MomentKVConfig", "patch", "patched", "presets", "state_of", "unpatch"]
+__all__ = ["MomentKVCache", "MomentKVConfig", "patch", "patched", "policy_names", "presets", "register_policy",
+           "state_of", "unpatch", "unregister_policy"]

@@ -1,9 +1,8 @@
-"""One validated configuration object for every eviction rule momentkv offers.
+"""One validated configuration object for every eviction rule momentkv runs.
 
-Baselines are settings, not code paths: ``alpha=1, bias_correction=False`` is
-cumulative attention (H2O), ``alpha=0`` instantaneous attention (TOVA),
-``policy="window"`` a recency window, and ``protect_prompt=False`` with
-``sinks`` and the window policy is StreamingLLM.
+The rule is a registered policy (``momentkv.policies``); the rest are the engine's settings, the same for
+every rule: budgets, the recent window, sinks, the moment correction, the prefill selection.
+``protect_prompt=False`` with ``sinks`` and the window policy is StreamingLLM.
 """
 
 from __future__ import annotations
@@ -12,19 +11,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from momentkv.ops.scores import MOMENTUM, RANDOM, WINDOW
+from momentkv.ops.scores import STORED
 from momentkv.ops.selection import window_cap
+from momentkv.ops.state import StepSettings
 
-POLICIES = ("momentum", "window", "random")
 CORRECTIONS = ("moments", "none")
 SCOPES = ("head", "layer")
 
 # The smallest default recent window when prompt tokens compete: below it, fidelity on the
 # held-apart prompts fell at every budget tried (results/eval/sweep.md).
 OPEN_RECENT_WINDOW = 64
-
-# Policy ids as the ops see them (ops take ints, not strings, so the compiled graph stays simple).
-POLICY_IDS = {"momentum": MOMENTUM, "window": WINDOW, "random": RANDOM}
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -62,9 +58,11 @@ class MomentKVConfig:
 
     budget: decode-time slots per layer and KV head (the cache holds ``P + budget + 1``).
     alpha: momentum decay of each token's attention score, in [0, 1].
-    bias_correction: divide the score by the same EMA of ones (Adam-style), so new
-        tokens are not penalised for having been seen fewer times.
-    policy: "momentum" (lowest score goes), "window" (oldest goes), "random".
+    bias_correction: divide the momentum score by the same EMA of ones (Adam-style), so new
+        tokens are not penalised for having been seen fewer times (the momentum rule's option).
+    policy: the eviction rule, a name registered in ``momentkv.policies`` (``momentkv.policy_names()``):
+        "momentum" (default), "window" (oldest goes), "random", "h2o", "tova", "keynorm", "keydiff", or
+        one added with ``momentkv.register_policy``.
     recent_window: the most recent tokens that are never evicted. With the prompt kept it is at
         most the budget, default ``budget - budget // 8``. When prompt tokens compete it may be any size,
         default ``max(budget, 64)``, and at decode time it never covers more than 7/8 of the
@@ -125,7 +123,9 @@ class MomentKVConfig:
         _check_int("budget", self.budget, 1)
         _check_fraction(self, "alpha")
         _check_bool("bias_correction", self.bias_correction)
-        _check_choice("policy", self.policy, POLICIES)
+        from momentkv.policies import policy  # the rules import this module's fields to check theirs
+
+        policy(self.policy)
         if self.recent_window is None:
             window = (window_cap(self.budget) if self.protect_prompt
                       else max(self.budget, OPEN_RECENT_WINDOW))
@@ -148,9 +148,15 @@ class MomentKVConfig:
         _check_int("prompt_bucket", self.prompt_bucket, 1)
         _check_int("seed", self.seed, 0, 2**31 - 1)
 
-    @property
-    def policy_id(self) -> int:
-        return POLICY_IDS[self.policy]
+    def step_settings(self) -> StepSettings:
+        """The decode ops' settings for this configuration (built once per layer)."""
+        from momentkv.policies import policy
+
+        kernel = policy(self.policy).kernel
+        return StepSettings(alpha=self.alpha, moments=self.corrected, moment_weight=self.moment_weight,
+                            budget=self.budget, score_kind=kernel(self) if kernel else STORED,
+                            recent_window=self.recent_window, cap_window=self.cap_window,
+                            layer_scope=self.scope == "layer", seed=self.seed)
 
     @property
     def cap_window(self) -> bool:

@@ -25,6 +25,7 @@ from momentkv.patches import MomentKVCache, UnsupportedAttention, make_attention
 from momentkv.patches.parallel import ONE_PROCESS, HeadGroup, head_group
 from momentkv.patches.private_api import attention_implementation, compile_on_any_device, unregister
 from momentkv.patches.support import refusal
+from momentkv.policies import PolicyError
 
 _ATTR = "_momentkv"
 _names = itertools.count()
@@ -109,6 +110,10 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
     model.__reduce_ex__ = _refuse_pickling
     try:
         _trial_generation(model, state)
+    except PolicyError as error:
+        unpatch(model)
+        raise ValueError(f"momentkv cannot use policy {config.policy!r}: a two-token trial generation with the "
+                         f"budgeted cache failed: {error}") from error
     except (UnsupportedAttention, ValueError) as error:
         unpatch(model)
         kind = getattr(model.config, "model_type", type(model).__name__)

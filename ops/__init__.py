@@ -1,7 +1,8 @@
 """momentkv's kernel library: ``torch.library`` custom ops with a plain-PyTorch kernel on every device.
 
 Importing registers the ops under the ``momentkv`` namespace; nothing in torch or
-transformers changes otherwise.
+transformers changes otherwise. The ops are ``torch.ops.momentkv.*``; eager code calls them through
+:func:`momentkv.ops.kernels.call` with a layer's :class:`LayerState` and :class:`StepSettings`.
 """
 
 import importlib.util
@@ -9,12 +10,11 @@ import importlib.util
 import torch
 
 from .cpu import register_fused_cpu_kernels
-from .decode_attention import decode_attention
-from .decode_step import decode_step
-from .evict import evict
+from .kernels import call
 from .moments import fold_range, fold_token, merge_range, merge_set
-from .prefill_scores import prefill_scores
-from .scores import MOMENTUM, RANDOM, WINDOW, eviction_score
+from .prefill import prefill_scores
+from .scores import HASH, NORMALIZED, POSITION, SCORE_KINDS, STORED, eviction_score
+from .state import LayerState, StepSettings
 
 register_fused_cpu_kernels()
 
@@ -30,12 +30,14 @@ def _register_cuda() -> None:
 _register_cuda()
 
 __all__ = [
-    "MOMENTUM",
-    "RANDOM",
-    "WINDOW",
-    "decode_attention",
-    "decode_step",
-    "evict",
+    "HASH",
+    "NORMALIZED",
+    "POSITION",
+    "SCORE_KINDS",
+    "STORED",
+    "LayerState",
+    "StepSettings",
+    "call",
     "eviction_score",
     "fold_range",
     "fold_token",

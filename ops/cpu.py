@@ -1,7 +1,7 @@
 """CPU kernels: the plain-PyTorch reference bodies, fused into C++ loops by inductor.
 
-A decode step runs one op per layer (``decode_step``); eagerly it is ~60 small aten calls, which on CPU
-costs more than the attention itself. Compiled once per shape (and cached on disk by
+A decode step runs two ops per layer (``write``, then ``decode_step``); eagerly they are ~70 small aten calls,
+which on CPU cost more than the attention itself. Compiled once per shape (and cached on disk by
 inductor), they run 3-5x faster. ``MOMENTKV_CPU_KERNEL=reference`` keeps the eager bodies;
 a machine where inductor cannot compile falls back to them with a warning.
 """
@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .kernels import REFERENCES, register
+from .signature import by_name
 
 
 def _signature(args: tuple) -> tuple:
@@ -84,6 +85,6 @@ def register_fused_cpu_kernels() -> bool:
         raise ValueError(f"MOMENTKV_CPU_KERNEL must be 'fused' or 'reference', got {choice!r}")
     if choice == "reference":
         return False
-    for name in ("decode_step", "decode_attention", "evict"):  # the last two: tensor parallelism's split step
-        register(name, "cpu", _fused(REFERENCES[name]))
+    for name, reference in REFERENCES.items():  # attention and eviction alone: the step split around a collective
+        register(name, "cpu", _fused(by_name(reference)))
     return True

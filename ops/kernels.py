@@ -3,46 +3,52 @@
 Going through torch's dispatcher added ~90 us to a ~110 us fused CPU attention call
 (results/profile-step-cpu.json); :func:`call` therefore runs the kernel directly in eager mode and
 the op itself (an opaque graph node) under ``torch.compile``. Registering here registers with
-torch.library too, so both paths always run the same code. Callers use the typed wrappers of
-:mod:`momentkv.ops.layer`, not :func:`call`.
+torch.library too, so both paths always run the same code.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
-from .decode_attention import decode_attention, decode_attention_reference
-from .decode_step import decode_step, decode_step_reference
-from .evict import evict, evict_reference
-from .prefill_scores import prefill_scores, prefill_scores_reference
+from .attention import decode_attention, decode_attention_reference
+from .eviction import evict, evict_reference
+from .signature import by_name, named, positional
+from .state import LayerState, StepSettings
+from .step import decode_step, decode_step_reference, write, write_reference
 
-OPS = {"decode_attention": decode_attention, "decode_step": decode_step, "evict": evict,
-       "prefill_scores": prefill_scores}
-REFERENCES = {
-    "decode_attention": decode_attention_reference,
-    "decode_step": decode_step_reference,
-    "evict": evict_reference,
-    "prefill_scores": prefill_scores_reference,
-}
+# The decode ops (all over the parameters of ``ops/signature.py``) and their plain-PyTorch references (by name).
+OPS = {"write": write, "decode_attention": decode_attention, "evict": evict, "decode_step": decode_step}
+REFERENCES = {"write": write_reference, "decode_attention": decode_attention_reference, "evict": evict_reference,
+              "decode_step": decode_step_reference}
 _KERNELS: dict[tuple[str, str], Callable] = {}
 
 
-def register(name: str, device_type: str, fn: Callable) -> None:
-    """Make ``fn`` the ``device_type`` kernel of op ``name``."""
-    OPS[name].register_kernel(device_type)(fn)
-    _KERNELS[(name, device_type)] = fn
+def register(name: str, device_type: str, kernel: Callable) -> None:
+    """Make ``kernel`` (taking the decode parameters in the schema's order) the ``device_type`` kernel of op
+    ``name``."""
+    OPS[name].register_kernel(device_type)(kernel)
+    _KERNELS[(name, device_type)] = kernel
+
+
+def registered() -> list[tuple[str, str]]:
+    """(op, device type) of every kernel registered besides the references, sorted."""
+    return sorted(_KERNELS)
 
 
 Route = Literal["kernel", "reference", "dispatcher"]
+_REFERENCE_KERNELS = {name: by_name(body) for name, body in REFERENCES.items()}
 
 
-def call(name: str, *args, route: Route = "kernel"):
-    """Run op ``name``: as a graph node while compiling; otherwise directly on its device's kernel, on the
-    plain-PyTorch reference (``route="reference"``, for checks) or through the dispatcher (to measure it)."""
+def call(name: str, state: LayerState, settings: StepSettings, route: Route = "kernel", **per_call: Any):
+    """Run decode op ``name`` on a layer's ``state`` and ``settings`` (``per_call``: the token, scale, sink logits,
+    rank, or a replacement for a state tensor or a setting): as a graph node while compiling; otherwise directly
+    on its device's kernel, on the plain-PyTorch reference (``route="reference"``, for checks) or through the
+    dispatcher (to measure it)."""
+    args = positional(named(state, settings, **per_call))
     if torch.compiler.is_compiling() or route == "dispatcher":
         return getattr(torch.ops.momentkv, name).default(*args)
     if route == "reference":
-        return REFERENCES[name](*args)
-    return _KERNELS.get((name, args[0].device.type), REFERENCES[name])(*args)
+        return _REFERENCE_KERNELS[name](*args)
+    return _KERNELS.get((name, state.keys.device.type), _REFERENCE_KERNELS[name])(*args)

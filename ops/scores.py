@@ -1,11 +1,22 @@
-"""Eviction scores: lower goes first. One function for every policy, shared by decode and prefill."""
+"""Eviction scores: lower goes first. One function for every kind of score a fused kernel reads, shared by
+decode and prefill.
+
+A kernel does not know rules by name: it reads a slot's score one of four ways (``score_kind``). The
+built-in rules (``momentkv.policies``) say which; a registered rule without a kernel of its own keeps its
+score in ``importance`` and is read as stored.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-MOMENTUM, WINDOW, RANDOM = 0, 1, 2
+# How a fused kernel reads each slot's score: as stored (a registered rule's score; momentum without bias
+# correction), stored over its normaliser (bias-corrected momentum), by position (newest kept), or as a hash.
+STORED, NORMALIZED, POSITION, HASH = 0, 1, 2, 3
+SCORE_KINDS = (STORED, NORMALIZED, POSITION, HASH)
+
+HASH_BITS = 24  # hash_uniform keeps this many bits: scores are multiples of 2**-24 in [0, 1)
 
 
 def hash_uniform(age: Tensor, draw: Tensor, seed: int) -> Tensor:
@@ -22,28 +33,20 @@ def hash_uniform(age: Tensor, draw: Tensor, seed: int) -> Tensor:
     x = x ^ (x >> 12)
     x = (x * 0x297A2D39) & 0xFFFFFFFF
     x = x ^ (x >> 15)
-    return (x & 0xFFFFFF).to(torch.float32) / float(1 << 24)
+    return (x & ((1 << HASH_BITS) - 1)).to(torch.float32) / float(1 << HASH_BITS)
 
 
-def eviction_score(
-    policy: int,
-    importance: Tensor,
-    normalizer: Tensor,
-    positions: Tensor,
-    seen: Tensor,
-    draw: Tensor,
-    bias_correction: bool,
-    seed: int,
-) -> Tensor:
-    """Score [B, H, S] fp32 of each slot under ``policy``; the lowest candidate is evicted.
+def eviction_score(score_kind: int, importance: Tensor, normalizer: Tensor, positions: Tensor, seen: Tensor,
+                   draw: Tensor, seed: int) -> Tensor:
+    """Score [B, H, S] fp32 of each slot read as ``score_kind``; the lowest candidate is evicted.
 
-    seen: tokens seen (an int64 scalar); draw: decode steps so far (0 at prefill), which varies the random policy."""
-    if policy == MOMENTUM:
-        if bias_correction:
-            return importance / normalizer.clamp_min(1e-20)
+    seen: tokens seen (an int64 scalar); draw: decode steps so far (0 at prefill), which varies the hash."""
+    if score_kind == STORED:
         return importance
-    if policy == WINDOW:
+    if score_kind == NORMALIZED:
+        return importance / normalizer.clamp_min(1e-20)
+    if score_kind == POSITION:
         return positions.to(torch.float32)
-    if policy == RANDOM:
+    if score_kind == HASH:
         return hash_uniform(seen - positions, draw, seed)
-    raise ValueError(f"policy id must be 0 (momentum), 1 (window) or 2 (random), got {policy}")
+    raise ValueError(f"score_kind must be one of {SCORE_KINDS} (stored, normalized, position, hash), got {score_kind}")

@@ -10,7 +10,7 @@ tested against it.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -43,26 +43,27 @@ def keep_rank(score: Tensor, positions: Tensor, recent: Tensor, protected: Tenso
 Combine = Callable[[Tensor, str], Tensor]  # (tensor, "sum" | "min" | "max") -> the same over every rank
 
 
-def eviction_rank(policy: int, importance: Tensor, normalizer: Tensor, positions: Tensor, valid: Tensor,
-                  evictable: Tensor, seen: Tensor, draw: Tensor, bias_correction: bool, seed: int, recent_window: int,
-                  cap_window: bool, shared: bool, combine: Combine | None = None, ranks: int = 1) -> Tensor:
+def eviction_rank(*, importance: Tensor, normalizer: Tensor, positions: Tensor, valid: Tensor, evictable: Tensor,
+                  seen: Tensor, decode_len: Tensor, score_kind: int, seed: int, recent_window: int, cap_window: bool,
+                  layer_scope: bool, combine: Combine | None = None, ranks: int = 1, **_: Any) -> Tensor:
     """[B, H, S] float64: each slot's :func:`keep_rank` at decode (the lowest goes; +inf where nothing may go).
 
-    Recent: the ``recent_window`` newest tokens, with ``cap_window`` at most :func:`window_cap` of the
-    evictable slots held. With ``shared`` every head of a sequence gets one rank: the heads' mean score and
-    age, recent if recent in any head, evictable if in every head. Under tensor parallelism the heads are
-    split over ``ranks`` ranks and ``combine`` adds the other ranks' share of each of those."""
+    The score is read as ``score_kind`` (``ops.scores``). Recent: the ``recent_window`` newest tokens, with
+    ``cap_window`` at most :func:`window_cap` of the evictable slots held. With ``layer_scope`` every head of a
+    sequence gets one rank: the heads' mean score and age, recent if recent in any head, evictable if in every
+    head. Under tensor parallelism the heads are split over ``ranks`` ranks and ``combine`` adds the other
+    ranks' share of each of those."""
     evictable = valid & evictable
     heads = evictable.shape[1]
-    if shared:
+    if layer_scope:
         combine = combine or (lambda tensor, how: tensor)
         evictable = combine(evictable.all(1, keepdim=True).to(torch.int32), "min").bool()
     window = recent_window
     if cap_window:
         window = window_cap(evictable.sum(-1, keepdim=True)).clamp_max(recent_window)
     recent = positions >= seen - window
-    score = eviction_score(policy, importance, normalizer, positions, seen, draw, bias_correction, seed)
-    if not shared:
+    score = eviction_score(score_kind, importance, normalizer, positions, seen, decode_len, seed)
+    if not layer_scope:
         return keep_rank(score, positions, recent).masked_fill(~evictable, float("inf"))
     recent = combine((evictable & recent).any(1, keepdim=True).to(torch.int32), "max").bool()
     score = combine(score.sum(1, keepdim=True), "sum") / (heads * ranks)
@@ -75,16 +76,16 @@ def sink_mask(valid: Tensor, sinks: int) -> Tensor:
     return valid & (valid.cumsum(-1) <= sinks)
 
 
-def prompt_score(policy: int, importance: Tensor, normalizer: Tensor, key_valid: Tensor, bias_correction: bool,
-                 seed: int, carry: int = 0) -> Tensor:
-    """Selection score [B, H, L] of prompt tokens from their prefill scores, as decode eviction would score them
-    with the whole prompt seen, each raised to the best of the ``carry`` before it (padding scores 0)."""
+def prompt_score(score_kind: int, importance: Tensor, normalizer: Tensor, key_valid: Tensor, seed: int,
+                 carry: int = 0) -> Tensor:
+    """Selection score [B, H, L] of prompt tokens from their prefill scores, read as decode eviction would read
+    them with the whole prompt seen, each raised to the best of the ``carry`` before it (padding scores 0)."""
     b, h, length = importance.shape
     positions = torch.arange(length, device=importance.device).expand(b, h, length)
     seen = torch.full((), length, dtype=torch.int64, device=importance.device)
     draw = torch.zeros((), dtype=torch.int64, device=importance.device)
     padding = ~key_valid[:, None, :]  # masked before the carry (left padding) and after it (right padding)
-    score = eviction_score(policy, importance, normalizer, positions, seen, draw, bias_correction, seed)
+    score = eviction_score(score_kind, importance, normalizer, positions, seen, draw, seed)
     return carry_forward(score.masked_fill(padding, 0.0), carry).masked_fill(padding, 0.0)
 
 

@@ -9,17 +9,20 @@ K and V are read once; the logits add G fp32 per slot (a few percent of K/V traf
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .decode_attention import decode_attention_reference
+from .attention import decode_attention_reference
 from .triton_support import dots_in_fp32, tiles
 
 TARGET_PROGRAMS = 264  # about two waves on an H100's 132 SMs
 MAX_SPLITS = 64
 MOMENTUM_BLOCK = 64
+FLOAT32_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # the reference's clamp of the normaliser
 
 
 def launch_config(batch: int, kv_heads: int, slots: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -88,7 +91,7 @@ def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_
                     NS, scale, sqb, sqh, sob, soh,
                     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                     NS_P2: tl.constexpr, BLOCK_DV: tl.constexpr, CORRECTED: tl.constexpr,
-                    MOMENT_AWARE: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_RANGE: tl.constexpr):
+                    MOMENT_AWARE: tl.constexpr, HAS_SINKS: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
@@ -121,7 +124,7 @@ def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_
         total += w_virtual
     if HAS_SINKS:
         total += tl.exp(sink - m_safe)
-    total = tl.maximum(total, 1.1754943508222875e-38)
+    total = tl.maximum(total, FLOAT32_TINY)
     tl.store(FINAL_M + bh * BLOCK_G + g, m_safe)
     tl.store(FINAL_L + bh * BLOCK_G + g, total)
     for c0 in range(0, DV, BLOCK_DV):
@@ -133,10 +136,10 @@ def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_
             com = tl.load(COM + bh * DV * D + c[:, None] * D + d[None, :])
             cq = tl.dot(q, tl.trans(com), input_precision="ieee")
             virtual_value = mu_v[None, :] + (scale / tl.maximum(count, 1.0)) * cq
-            if HAS_RANGE:  # within the evicted values' range, as in the reference
-                low = tl.load(VRANGE + bh * 2 * DV + c)
-                high = tl.load(VRANGE + bh * 2 * DV + DV + c)
-                virtual_value = tl.minimum(tl.maximum(virtual_value, low[None, :]), high[None, :])
+            # within the evicted values' range, as in the reference
+            low = tl.load(VRANGE + bh * 2 * DV + c)
+            high = tl.load(VRANGE + bh * 2 * DV + DV + c)
+            virtual_value = tl.minimum(tl.maximum(virtual_value, low[None, :]), high[None, :])
             out += w_virtual[:, None] * virtual_value
         out = out / total[:, None]
         tl.store(OUT + b * sob + (h * G + g)[:, None] * soh + c[None, :], out.to(OUT.dtype.element_ty),
@@ -175,16 +178,18 @@ def _momentum_kernel(LOGITS, FINAL_M, FINAL_L, MEAN_LOGIT, VALID, IMP, NORM, S, 
     tl.store(NORM + b * sib + h * sih + s, tl.where(ok, alpha * norm + 1.0, norm), mask=smask)
 
 
-def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: Tensor, n: Tensor, mu_k: Tensor,
-                            mu_v: Tensor, comoment: Tensor, importance: Tensor, normalizer: Tensor, scale: float,
-                            alpha: float, corrected: bool, moment_weight: float = 0.0,
-                            sinks: Tensor | None = None, value_range: Tensor | None = None) -> Tensor:
+def decode_attention_triton(*, query: Tensor, keys: Tensor, values: Tensor, valid: Tensor, n: Tensor, mu_k: Tensor,
+                            mu_v: Tensor, comoment: Tensor, value_range: Tensor, importance: Tensor,
+                            normalizer: Tensor, scale: float, alpha: float, moments: bool, moment_weight: float,
+                            sink_logits: Tensor | None, **_: Any) -> Tensor:
     """Same contract as the reference ``decode_attention``."""
     b, hq, d = query.shape
     hkv, slots, dv = keys.shape[1], keys.shape[2], values.shape[-1]
     if not tiles(d, dv):
-        return decode_attention_reference(query, keys, values, valid, n, mu_k, mu_v, comoment, importance, normalizer,
-                                          scale, alpha, corrected, moment_weight, sinks, value_range)
+        return decode_attention_reference(
+            query=query, keys=keys, values=values, valid=valid, n=n, mu_k=mu_k, mu_v=mu_v, comoment=comoment,
+            value_range=value_range, importance=importance, normalizer=normalizer, scale=scale, alpha=alpha,
+            moments=moments, moment_weight=moment_weight, sink_logits=sink_logits)
     g = hq // hkv
     block_g = max(16, triton.next_power_of_2(g))
     query, keys, values = query.contiguous(), keys.contiguous(), values.contiguous()
@@ -199,7 +204,7 @@ def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: 
     part_acc = torch.empty(b * hkv, splits, block_g, dv, **f32)
     final_m = torch.empty(b * hkv, block_g, **f32)
     final_l = torch.empty(b * hkv, block_g, **f32)
-    moment_aware = corrected and moment_weight > 0
+    moment_aware = moments and moment_weight > 0
     mean_logit = torch.empty(b * hkv, block_g, **f32) if moment_aware else final_m  # final_m: never touched
     out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
     _split_kernel[(b * hkv, splits)](
@@ -209,12 +214,11 @@ def decode_attention_triton(query: Tensor, keys: Tensor, values: Tensor, valid: 
         HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, BLOCK=config["block"], FP32=config["fp32"])
     _combine_kernel[(b * hkv,)](
         query, n, mu_k, mu_v, comoment, part_m, part_l, part_acc, out, final_m, final_l, mean_logit,
-        sinks.contiguous() if sinks is not None else final_m,  # final_m: never read without sinks
-        value_range.contiguous() if value_range is not None else final_m, splits, scale,
+        sink_logits.contiguous() if sink_logits is not None else final_m,  # final_m: never read without sinks
+        value_range.contiguous(), splits, scale,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, NS_P2=config["ns_p2"], BLOCK_DV=min(config["block_dv"], dv),
-        CORRECTED=corrected, MOMENT_AWARE=moment_aware, HAS_SINKS=sinks is not None,
-        HAS_RANGE=value_range is not None)
+        CORRECTED=moments, MOMENT_AWARE=moment_aware, HAS_SINKS=sink_logits is not None)
     imp = importance if importance.is_contiguous() else importance.contiguous()
     norm = normalizer if normalizer.is_contiguous() else normalizer.contiguous()
     _momentum_kernel[(b * hkv, triton.cdiv(slots, MOMENTUM_BLOCK))](

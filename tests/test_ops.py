@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from momentkv.ops import MOMENTUM, RANDOM, WINDOW, decode_attention, evict, eviction_score, merge_set, prefill_scores
+from momentkv.ops import HASH, NORMALIZED, POSITION, eviction_score, merge_set, prefill_scores
 from momentkv.ops.selection import prompt_score
+from op_states import op_arguments, run
 
 
 def make_state(b=2, hq=4, hkv=2, s=7, d=8, dv=8, evicted=5, seed=0, dtype=torch.float32):
@@ -61,7 +62,7 @@ def test_decode_attention_matches_formula_and_updates_momentum(corrected, hq, hk
     st, _ = make_state(hq=hq, hkv=hkv)
     before_i, before_z = st["importance"].clone(), st["normalizer"].clone()
     scale, alpha = 0.35, 0.8
-    out = decode_attention(**st, scale=scale, alpha=alpha, corrected=corrected)
+    out = run("decode_attention", st, scale=scale, alpha=alpha, moments=corrected)
     ref, probs = naive_corrected(st, scale, corrected)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     valid = st["valid"]
@@ -79,7 +80,7 @@ def test_moment_informed_momentum_counts_only_what_the_moments_miss(hq, hkv):
     st["valid"][:, :, 1] = True
     before = st["importance"].clone()
     scale, alpha = 0.35, 0.8
-    decode_attention(**st, scale=scale, alpha=alpha, corrected=True, moment_weight=1.0)
+    run("decode_attention", st, scale=scale, alpha=alpha, moments=True, moment_weight=1.0)
     _, probs = naive_corrected(st, scale, True)
     q = st["query"].double().view(2, hkv, hq // hkv, -1)
     mean_logit = scale * torch.einsum("bhgd,bhd->bhg", q, st["mu_k"].double())
@@ -97,7 +98,7 @@ def test_moment_informed_momentum_counts_only_what_the_moments_miss(hq, hkv):
 def test_empty_evicted_set_is_softmax_attention(dtype):
     st, _ = make_state(hq=8, hkv=2, evicted=0, dtype=dtype)
     st.update(n=torch.zeros(2, 2), mu_k=torch.zeros(2, 2, 8), mu_v=torch.zeros(2, 2, 8), comoment=torch.zeros(2, 2, 8, 8))
-    out = decode_attention(**st, scale=0.3, alpha=0.9, corrected=True)
+    out = run("decode_attention", st, scale=0.3, alpha=0.9, moments=True)
     expected = F.scaled_dot_product_attention(
         st["query"].float()[:, :, None], st["keys"].float(), st["values"].float(),
         attn_mask=st["valid"][:, :, None, None, :].repeat_interleave(4, 1).squeeze(2), scale=0.3, enable_gqa=True,
@@ -122,10 +123,10 @@ def test_correction_recovers_attention_to_evicted_tokens():
     merge_set(n, mu_k, mu_v, comoment, k_gone, v_gone, torch.ones(b, h, gone, dtype=torch.bool))
     args = dict(query=q, keys=k_kept, values=v_kept, valid=torch.ones(b, h, kept, dtype=torch.bool), n=n, mu_k=mu_k,
                 mu_v=mu_v, comoment=comoment)
-    with_c = decode_attention(**args, importance=torch.zeros(b, h, kept), normalizer=torch.zeros(b, h, kept),
-                              scale=0.25, alpha=0.9, corrected=True)
-    without = decode_attention(**args, importance=torch.zeros(b, h, kept), normalizer=torch.zeros(b, h, kept),
-                               scale=0.25, alpha=0.9, corrected=False)
+    with_c = run("decode_attention", dict(args, importance=torch.zeros(b, h, kept),
+                                          normalizer=torch.zeros(b, h, kept)), scale=0.25, alpha=0.9, moments=True)
+    without = run("decode_attention", dict(args, importance=torch.zeros(b, h, kept),
+                                           normalizer=torch.zeros(b, h, kept)), scale=0.25, alpha=0.9, moments=False)
     assert (with_c - full).norm() < 0.05 * (without - full).norm()
 
 
@@ -135,7 +136,7 @@ def batch_moments(k, v):
     return len(k), mu_k, mu_v, (v - mu_v).T @ (k - mu_k)
 
 
-def run_evictions(steps, b=1, h=2, s=6, d=4, budget=3, policy=MOMENTUM, recent=1, seed=0, shared=False):
+def run_evictions(steps, b=1, h=2, s=6, d=4, budget=3, score_kind=NORMALIZED, recent=1, seed=0, shared=False):
     """Drive the evict op as the cache does: write a token into the free slot, score it, evict."""
     gen = torch.Generator().manual_seed(seed)
     keys, values = torch.zeros(b, h, s, d), torch.zeros(b, h, s, d)
@@ -164,9 +165,11 @@ def run_evictions(steps, b=1, h=2, s=6, d=4, budget=3, policy=MOMENTUM, recent=1
         seen += 1
         decode_len += 1
         snapshot_valid = valid.clone()
-        expected = eviction_score(policy, importance, normalizer, positions, seen, decode_len, True, 0)
-        evict(keys, values, valid, evictable, importance, normalizer, positions, n, mu_k, mu_v, com, free,
-              decode_len, seen, budget, policy, True, recent, False, shared, 0, True)
+        expected = eviction_score(score_kind, importance, normalizer, positions, seen, decode_len, 0)
+        state = dict(keys=keys, values=values, valid=valid, evictable=evictable, importance=importance,
+                     normalizer=normalizer, positions=positions, n=n, mu_k=mu_k, mu_v=mu_v, comoment=com,
+                     free_slot=free, decode_len=decode_len, seen=seen)
+        run("evict", state, budget=budget, score_kind=score_kind, recent_window=recent, layer_scope=shared, seed=0)
         gone = snapshot_valid & ~valid
         victims.append((snapshot_valid, expected, gone, positions.clone(), seen.clone()))
         for bi, hi, si in gone.nonzero().tolist():
@@ -178,28 +181,30 @@ def run_evictions(steps, b=1, h=2, s=6, d=4, budget=3, policy=MOMENTUM, recent=1
 
 @pytest.mark.parametrize("steps", [10, 3000])
 def test_folded_moments_equal_batch_statistics(steps):
-    run = run_evictions(steps)
+    evictions = run_evictions(steps)
     for hi in range(2):
-        count, mu_k, mu_v, com = batch_moments(torch.stack(run["gone_k"][0][hi]), torch.stack(run["gone_v"][0][hi]))
-        assert run["n"][0, hi].item() == count == steps - run["budget"]
-        torch.testing.assert_close(run["mu_k"][0, hi].double(), mu_k, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(run["mu_v"][0, hi].double(), mu_v, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(run["comoment"][0, hi].double(), com, rtol=1e-4, atol=1e-2 * math.sqrt(steps))
+        count, mu_k, mu_v, com = batch_moments(torch.stack(evictions["gone_k"][0][hi]),
+                                               torch.stack(evictions["gone_v"][0][hi]))
+        assert evictions["n"][0, hi].item() == count == steps - evictions["budget"]
+        torch.testing.assert_close(evictions["mu_k"][0, hi].double(), mu_k, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(evictions["mu_v"][0, hi].double(), mu_v, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(evictions["comoment"][0, hi].double(), com, rtol=1e-4,
+                                   atol=1e-2 * math.sqrt(steps))
 
 
-@pytest.mark.parametrize("policy", [MOMENTUM, WINDOW, RANDOM])
+@pytest.mark.parametrize("score_kind", [NORMALIZED, POSITION, HASH])
 @pytest.mark.parametrize("shared", [False, True])
-def test_evict_keeps_budget_and_takes_lowest_candidate(policy, shared):
-    run = run_evictions(40, b=2, policy=policy, recent=2, shared=shared)
-    prompt, budget = run["prompt"], run["budget"]
-    for step, (valid, score, gone, positions, seen) in enumerate(run["victims"]):
+def test_evict_keeps_budget_and_takes_lowest_candidate(score_kind, shared):
+    evictions = run_evictions(40, b=2, score_kind=score_kind, recent=2, shared=shared)
+    prompt, budget = evictions["prompt"], evictions["budget"]
+    for step, (valid, score, gone, positions, seen) in enumerate(evictions["victims"]):
         decode_tokens = valid[..., prompt:].sum(-1)
         if step < budget:
             assert not gone.any() and (decode_tokens == step + 1).all()
             continue
         assert (gone.sum(-1) == 1).all() and (decode_tokens - gone[..., prompt:].sum(-1) == budget).all()
         assert not gone[..., :prompt].any(), "protected prompt slots must never be evicted"
-        candidates = valid & (positions < seen - run["recent"])
+        candidates = valid & (positions < seen - evictions["recent"])
         candidates[..., :prompt] = False
         if shared:
             assert (gone == gone[:, :1]).all()
@@ -256,18 +261,15 @@ def test_merge_set_equals_batch_statistics_after_merges():
 
 def test_opcheck_every_op():
     st, _ = make_state()
-    torch.library.opcheck(torch.ops.momentkv.decode_attention.default,
-                          tuple(st.values()) + (0.3, 0.9, True))
-    torch.library.opcheck(torch.ops.momentkv.decode_attention.default,
-                          tuple(st.values()) + (0.3, 0.9, True, 0.5))
     b, h, s, d = 2, 2, 7, 8
-    args = (st["keys"], st["values"], st["valid"].clone(), torch.ones(b, h, s, dtype=torch.bool), st["importance"],
-            st["normalizer"], torch.arange(s).expand(b, h, s).contiguous(), st["n"].clone(), st["mu_k"].clone(),
-            st["mu_v"].clone(), st["comoment"].clone(), torch.zeros(b, h, dtype=torch.int64),
-            torch.tensor(5), torch.tensor(7), 3, MOMENTUM, True, 1, False, False, 0, True)
-    torch.library.opcheck(torch.ops.momentkv.evict.default, args)
-    capped = args[:17] + (6, True) + args[19:]  # the window capped at 7/8 of the evictable slots
-    torch.library.opcheck(torch.ops.momentkv.evict.default, capped)
+    token = dict(key=torch.randn(b, h, 1, d), value=torch.randn(b, h, 1, d))
+    state = dict(st, positions=torch.arange(s).expand(b, h, s).contiguous(), decode_len=torch.tensor(5),
+                 seen=torch.tensor(7))
+    for options in (dict(), dict(moment_weight=0.5), dict(recent_window=6, cap_window=True), dict(layer_scope=True)):
+        for op in ("write", "decode_attention", "evict", "decode_step"):
+            copy = {k: v.clone() for k, v in state.items()}
+            torch.library.opcheck(getattr(torch.ops.momentkv, op).default,
+                                  op_arguments(copy, **token, scale=0.3, **options))
     torch.library.opcheck(torch.ops.momentkv.prefill_scores.default,
                           (torch.randn(2, 4, 3, d), st["keys"], torch.ones(2, s, dtype=torch.bool), 0.3, 0.9))
 
@@ -280,8 +282,8 @@ def test_prompt_score_carries_nothing_into_or_out_of_padding(carry):
     valid = torch.tensor([[False, False, False, True, True, True, True, True],
                           [True, True, True, True, True, False, False, False]])
     zeros = torch.zeros(2, 2, 8)
-    score = prompt_score(RANDOM, zeros, zeros, valid, False, seed=3, carry=carry)
-    raw = prompt_score(RANDOM, zeros, zeros, valid, False, seed=3)  # padding 0, the rest in (0, 1)
+    score = prompt_score(HASH, zeros, zeros, valid, seed=3, carry=carry)
+    raw = prompt_score(HASH, zeros, zeros, valid, seed=3)  # padding 0, the rest in (0, 1)
     expected = torch.stack([raw[..., max(0, t - carry):t + 1].amax(-1) for t in range(8)], -1)
     assert (score[~valid[:, None, :].expand_as(score)] == 0).all()
     assert torch.equal(score, expected.masked_fill(~valid[:, None, :], 0.0))

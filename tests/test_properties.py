@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from momentkv.ops import decode_attention, evict, eviction_score, fold_token, merge_set, prefill_scores
+from momentkv.ops import SCORE_KINDS, eviction_score, fold_token, merge_set, prefill_scores
+from op_states import run
 from test_ops import batch_moments, naive_corrected, naive_prefill_scores
 
 PROPERTY = settings(max_examples=40, deadline=None)
@@ -32,7 +33,7 @@ def attention_states(draw):
 @given(attention_states(), st.booleans(), st.floats(0.0, 1.0), st.floats(0.05, 1.0))
 def test_decode_attention_matches_brute_force(state, corrected, alpha, scale):
     before = {k: v.clone() for k, v in state.items()}
-    out = decode_attention(**state, scale=scale, alpha=alpha, corrected=corrected)
+    out = run("decode_attention", state, scale=scale, alpha=alpha, moments=corrected)
     ref, probs = naive_corrected(before, scale, corrected)
     empty = ~before["valid"].any(-1) & ((before["n"] == 0) | (not corrected))  # nothing to attend: output 0
     ref = torch.where(empty.repeat_interleave(out.shape[1] // empty.shape[1], 1)[..., None], 0.0, ref)
@@ -45,9 +46,9 @@ def test_decode_attention_matches_brute_force(state, corrected, alpha, scale):
 
 @PROPERTY
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(2, 20), st.integers(1, 8), st.integers(0, 24),
-       st.sampled_from([0, 1, 2]), st.booleans(), st.integers(0, 2**31 - 1), st.integers(0, 12),
+       st.sampled_from(SCORE_KINDS), st.booleans(), st.integers(0, 2**31 - 1), st.integers(0, 12),
        st.booleans())
-def test_evict_matches_brute_force(b, h, s, budget, recent, policy, shared, seed, decode_len, cap_window):
+def test_evict_matches_brute_force(b, h, s, budget, recent, score_kind, shared, seed, decode_len, cap_window):
     gen = torch.Generator().manual_seed(seed)
     d = 4
     valid = torch.rand(b, h, s, generator=gen) < 0.8
@@ -62,9 +63,10 @@ def test_evict_matches_brute_force(b, h, s, budget, recent, policy, shared, seed
                  mu_v=torch.randn(b, h, d, generator=gen), comoment=torch.randn(b, h, d, d, generator=gen),
                  free_slot=torch.full((b, h), -1), decode_len=torch.tensor(decode_len), seen=torch.tensor(s))
     before = {k: v.clone() for k, v in state.items()}
-    evict(*state.values(), budget, policy, True, recent, cap_window, shared, 3, True)
-    score = eviction_score(policy, before["importance"], before["normalizer"], before["positions"], before["seen"],
-                           before["decode_len"], True, 3)
+    run("evict", state, budget=budget, score_kind=score_kind, recent_window=recent, cap_window=cap_window,
+        layer_scope=shared, seed=3, moments=True)
+    score = eviction_score(score_kind, before["importance"], before["normalizer"], before["positions"],
+                           before["seen"], before["decode_len"], 3)
     for bi in range(b):
         for hi in range(h):
             heads = range(h) if shared else [hi]

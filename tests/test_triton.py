@@ -15,9 +15,16 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 triton = pytest.importorskip("triton")
 
 from momentkv.ops.kernels import REFERENCES  # noqa: E402
+from momentkv.ops.prefill import prefill_scores_reference  # noqa: E402
+from momentkv.ops.scores import SCORE_KINDS  # noqa: E402
+from momentkv.ops.signature import by_name  # noqa: E402
 from momentkv.ops.triton_decode_attention import decode_attention_triton  # noqa: E402
 from momentkv.ops.triton_evict import evict_triton  # noqa: E402
 from momentkv.ops.triton_prefill_scores import prefill_scores_triton  # noqa: E402
+from op_states import op_arguments  # noqa: E402
+
+ATTENTION = {"triton": by_name(decode_attention_triton), "reference": by_name(REFERENCES["decode_attention"])}
+EVICT = {"triton": by_name(evict_triton), "reference": by_name(REFERENCES["evict"])}
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -59,8 +66,9 @@ def test_decode_attention_kernel_matches_reference(b, hq, hkv, s, d, evicted, in
     state = attention_state(b, hq, hkv, s, d, dtype, evicted, invalid)
     state["valid"][0, 0] = False  # a padded row: nothing to attend in one head
     expected_state = {k: v.clone() for k, v in state.items()}
-    out = decode_attention_triton(*state.values(), 0.125, 0.85, corrected, moment_weight)
-    expected = REFERENCES["decode_attention"](*expected_state.values(), 0.125, 0.85, corrected, moment_weight)
+    options = dict(scale=0.125, alpha=0.85, moments=corrected, moment_weight=moment_weight)
+    out = ATTENTION["triton"](*op_arguments(state, **options))
+    expected = ATTENTION["reference"](*op_arguments(expected_state, **options))
     tol = TOLERANCE[dtype]
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
@@ -89,22 +97,22 @@ def evict_state(b, h, s, d, budget, decode_len, seed=0):
     return {k: v.to(DEVICE) for k, v in state.items()}
 
 
-@pytest.mark.parametrize("policy", [0, 1, 2], ids=["momentum", "window", "random"])
+@pytest.mark.parametrize("score_kind", SCORE_KINDS, ids=["stored", "normalized", "position", "hash"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per-head", "per-layer"])
 @pytest.mark.parametrize("decode_len, d, recent, cap_window",
                          [(9, 64, 2, False), (3, 64, 2, False), (9, 128, 2, False), (9, 64, 200, False),
                           (9, 64, 200, True)],
                          ids=["over-budget", "under-budget", "d128", "window-exceeds-cache", "window-capped"])
-def test_evict_kernel_matches_reference(policy, shared, decode_len, d, recent, cap_window):
+def test_evict_kernel_matches_reference(score_kind, shared, decode_len, d, recent, cap_window):
     state = evict_state(b=3, h=2, s=150, d=d, budget=8, decode_len=decode_len)
+    state["value_range"] = torch.zeros(3, 2, 2, d, device=DEVICE)
     expected = {k: v.clone() for k, v in state.items()}
-    args = (8, policy, True, recent, cap_window, shared, 5, True)
-    value_range = torch.zeros(3, 2, 2, d, device=DEVICE)
-    expected_range = value_range.clone()
-    evict_triton(*state.values(), *args, value_range=value_range)
-    REFERENCES["evict"](*expected.values(), *args, value_range=expected_range)
-    assert torch.equal(value_range, expected_range)
-    assert (value_range.abs().sum() > 0) == (decode_len > 8)
+    options = dict(budget=8, score_kind=score_kind, recent_window=recent, cap_window=cap_window, layer_scope=shared,
+                   seed=5, moments=True)
+    EVICT["triton"](*op_arguments(state, **options))
+    EVICT["reference"](*op_arguments(expected, **options))
+    assert torch.equal(state["value_range"], expected["value_range"])
+    assert (state["value_range"].abs().sum() > 0) == (decode_len > 8)
     for name in ("valid", "free_slot", "n"):
         assert torch.equal(state[name], expected[name]), name
     for name in ("mu_k", "mu_v", "comoment"):
@@ -122,7 +130,7 @@ def test_prefill_scores_kernel_matches_reference(dtype, alpha, hq, hkv):
     key_valid = torch.ones(2, 77, dtype=torch.bool, device=DEVICE)
     key_valid[1, :20] = False
     importance, normalizer = prefill_scores_triton(query, keys, key_valid, 0.125, alpha)
-    ref_importance, ref_normalizer = REFERENCES["prefill_scores"](query, keys, key_valid, 0.125, alpha)
+    ref_importance, ref_normalizer = prefill_scores_reference(query, keys, key_valid, 0.125, alpha)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(importance, ref_importance, rtol=tol, atol=tol)
     torch.testing.assert_close(normalizer, ref_normalizer)
@@ -146,8 +154,9 @@ def test_decode_attention_kernel_with_sinks_and_value_head_sizes(dtype, dk, dv, 
     state = {k: v.to(DEVICE) for k, v in state.items()}
     sinks = (torch.randn(hq, generator=gen) * 2).to(DEVICE) if with_sinks else None
     expected_state = {k: v.clone() for k, v in state.items()}
-    out = decode_attention_triton(*state.values(), 0.2, 0.9, True, 0.0, sinks)
-    expected = REFERENCES["decode_attention"](*expected_state.values(), 0.2, 0.9, True, 0.0, sinks)
+    options = dict(scale=0.2, alpha=0.9, moments=True, sink_logits=sinks)
+    out = ATTENTION["triton"](*op_arguments(state, **options))
+    expected = ATTENTION["reference"](*op_arguments(expected_state, **options))
     tol = TOLERANCE[dtype]
     assert out.shape == (b, hq, dv)
     torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
@@ -160,10 +169,8 @@ def test_sinks_take_their_share_of_the_softmax():
     b, hq, hkv, s, d = 1, 4, 2, 9, 16
     query, keys = torch.randn(b, hq, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
     values, sinks = torch.randn(b, hkv, s, d, generator=gen), torch.randn(hq, generator=gen)
-    zeros = dict(n=torch.zeros(b, hkv), mu_k=torch.zeros(b, hkv, d), mu_v=torch.zeros(b, hkv, d),
-                 comoment=torch.zeros(b, hkv, d, d), importance=torch.zeros(b, hkv, s), normalizer=torch.zeros(b, hkv, s))
-    out = REFERENCES["decode_attention"](query, keys, values, torch.ones(b, hkv, s, dtype=torch.bool),
-                                         *zeros.values(), 0.25, 0.9, True, 0.0, sinks)
+    state = dict(query=query, keys=keys, values=values)  # nothing evicted, every slot valid
+    out = ATTENTION["reference"](*op_arguments(state, scale=0.25, alpha=0.9, moments=True, sink_logits=sinks))
     k, v = keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1)
     logits = torch.cat([torch.einsum("bhd,bhsd->bhs", query, k) * 0.25, sinks.view(1, hq, 1)], -1)
     expected = torch.einsum("bhs,bhsd->bhd", logits.softmax(-1)[..., :s], v)
@@ -185,9 +192,10 @@ def test_decode_attention_kernel_keeps_the_correction_in_range(dtype, key_scale)
                  comoment=torch.randn(b, hkv, d, d, generator=gen) * key_scale,
                  importance=torch.zeros(b, hkv, s), normalizer=torch.zeros(b, hkv, s))
     state = {k: (v.to(dtype) if k in ("query", "keys", "values") else v).to(DEVICE) for k, v in state.items()}
-    value_range = torch.tensor([-2.0, 2.0]).view(1, 1, 2, 1).expand(b, hkv, 2, d).contiguous().to(DEVICE)
+    state["value_range"] = torch.tensor([-2.0, 2.0]).view(1, 1, 2, 1).expand(b, hkv, 2, d).contiguous().to(DEVICE)
     expected_state = {k: v.clone() for k, v in state.items()}
-    out = decode_attention_triton(*state.values(), d ** -0.5, 0.9, True, 0.0, None, value_range)
-    expected = REFERENCES["decode_attention"](*expected_state.values(), d ** -0.5, 0.9, True, 0.0, None, value_range)
+    options = dict(scale=d ** -0.5, alpha=0.9, moments=True)
+    out = ATTENTION["triton"](*op_arguments(state, **options))
+    expected = ATTENTION["reference"](*op_arguments(expected_state, **options))
     assert torch.isfinite(out).all() and torch.isfinite(expected).all()
     torch.testing.assert_close(out.float(), expected.float(), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])

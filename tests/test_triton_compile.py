@@ -58,22 +58,20 @@ def check_decode_attention(dtype, head_dim):
         compile_for_hopper(attention._combine_kernel, types, {**g, "NS_P2": worst["ns_p2"],
                                                               "BLOCK_DV": worst["block_dv"], "CORRECTED": True,
                                                               "MOMENT_AWARE": moment_aware,
-                                                              "HAS_SINKS": moment_aware,  # each variant once
-                                                              "HAS_RANGE": moment_aware})
+                                                              "HAS_SINKS": moment_aware})  # each variant once
         compile_for_hopper(attention._momentum_kernel, types, dict(HKV=1, G=8, BLOCK_G=16,
                                                                    BLOCK=attention.MOMENTUM_BLOCK,
                                                                    MOMENT_AWARE=moment_aware))
 
 
-def check_evict(policy, shared, cap):
+def check_evict(score_kind, shared, cap):
     from momentkv.ops import triton_evict as evict
 
     f32 = {name: "*fp32" for name in ("IMP", "NORM", "N", "MU_K", "MU_V", "COM", "VRANGE")}
     types = {**f32, "K": "*bf16", "V": "*bf16", "VALID": "*u8", "EVICTABLE": "*u8", "POS": "*i64", "FREE": "*i64",
              "DECODE_LEN": "*i64", "SEEN": "*i64"}
     compile_for_hopper(evict._evict_kernel, types, dict(H=8, D=256, DV=256, BLOCK=evict.BLOCK_S, BLOCK_DV=32,
-                                                        POLICY=policy, BIAS=True, SHARED=shared, FOLD=True,
-                                                        CAP=cap, HAS_RANGE=shared))
+                                                        SCORE_KIND=score_kind, SHARED=shared, FOLD=True, CAP=cap))
 
 
 def check_prefill_scores():
@@ -91,7 +89,9 @@ if __name__ == "__main__":
     for dtype in (torch.bfloat16, torch.float32):
         for head_dim in (64, 256):
             check_decode_attention(dtype, head_dim)
-    check_evict(0, False, 0)
-    check_evict(0, True, 8)
-    check_evict(2, True, 0)
+    from momentkv.ops.scores import HASH, NORMALIZED, STORED
+
+    check_evict(NORMALIZED, False, 0)
+    check_evict(STORED, True, 8)
+    check_evict(HASH, True, 0)
     check_prefill_scores()

@@ -12,15 +12,12 @@ import torch
 from torch import Tensor
 
 
-def prefill_scores_reference(
-    query: Tensor, keys: Tensor, key_valid: Tensor, scale: float, alpha: float
-) -> tuple[Tensor, Tensor]:
+def prefill_attention(query: Tensor, keys: Tensor, key_valid: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """query [B, Hq, W, Dk]: the last W prompt queries; keys [B, Hkv, L, Dk]; key_valid bool [B, L].
 
-    Query t sits at position L - W + t and sees keys up to it (causal) that are valid.
-    Returns (importance, normalizer), fp32 [B, Hkv, L]: sum_t alpha^(W-1-t) p_t and
-    sum_t alpha^(W-1-t) [key visible to t], p_t averaged over the GQA group.
-    The plain-PyTorch kernel: runs on every device and is the reference for the others."""
+    Query t sits at position L - W + t and sees keys up to it (causal) that are valid. Returns each query's
+    attention probabilities fp32 [B, Hkv, W, L], averaged over the GQA group, and which keys it sees, bool
+    [B, W, L]: what a registered rule is given at each observation query (``patches/rule.py``)."""
     b, hq, w, dk = query.shape
     hkv, length = keys.shape[1], keys.shape[2]
     q = query.float().view(b, hkv, hq // hkv, w, dk)
@@ -32,6 +29,17 @@ def prefill_scores_reference(
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     weights = torch.exp(logits - peak)
     probs = (weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)).mean(dim=2)
+    return probs, visible
+
+
+def prefill_scores_reference(
+    query: Tensor, keys: Tensor, key_valid: Tensor, scale: float, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """As :func:`prefill_attention`; returns (importance, normalizer), fp32 [B, Hkv, L]: the momentum recurrence
+    over the W queries, sum_t alpha^(W-1-t) p_t, and the same over [key visible to t].
+    The plain-PyTorch kernel: runs on every device and is the reference for the others."""
+    b, hkv, length, w = keys.shape[0], keys.shape[1], keys.shape[2], query.shape[2]
+    probs, visible = prefill_attention(query, keys, key_valid, scale)
     decay = torch.pow(torch.full((w,), alpha, device=keys.device), torch.arange(w - 1, -1, -1, device=keys.device))
     importance = torch.einsum("t,bhtl->bhl", decay, probs)
     normalizer = torch.einsum("t,btl->bl", decay, visible.float())[:, None].expand(b, hkv, length).contiguous()

@@ -9,8 +9,12 @@ over the GQA group).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from .signature import define
 
 
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -22,29 +26,16 @@ def _matmul(a: Tensor, b: Tensor) -> Tensor:
     return torch.matmul(a, b)
 
 
-def decode_attention_reference(
-    query: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    valid: Tensor,
-    n: Tensor,
-    mu_k: Tensor,
-    mu_v: Tensor,
-    comoment: Tensor,
-    importance: Tensor,
-    normalizer: Tensor,
-    scale: float,
-    alpha: float,
-    corrected: bool,
-    moment_weight: float = 0.0,
-    sinks: Tensor | None = None,
-    value_range: Tensor | None = None,
-) -> Tensor:
+def decode_attention_reference(*, query: Tensor, keys: Tensor, values: Tensor, valid: Tensor, n: Tensor,
+                               mu_k: Tensor, mu_v: Tensor, comoment: Tensor, value_range: Tensor, importance: Tensor,
+                               normalizer: Tensor, scale: float, alpha: float, moments: bool,
+                               moment_weight: float, sink_logits: Tensor | None, **_: Any) -> Tensor:
     """query [B, Hq, Dk]; keys [B, Hkv, S, Dk]; values [B, Hkv, S, Dv]; valid bool [B, Hkv, S];
     moments n [B, Hkv], mu_k [B, Hkv, Dk], mu_v [B, Hkv, Dv], comoment [B, Hkv, Dv, Dk] (fp32);
     importance, normalizer fp32 [B, Hkv, S], updated in place: I = alpha I + p, Z = alpha Z + 1 on valid slots;
-    sinks [Hq] (optional): each query head's learned sink logit, which takes a share of the softmax and gives nothing;
-    value_range fp32 [B, Hkv, 2, Dv] (optional): low and high of the evicted values, which bound the virtual value.
+    sink_logits [Hq] (optional): each query head's learned sink logit, which takes a share of the softmax and gives
+    nothing; value_range fp32 [B, Hkv, 2, Dv]: low and high of the evicted values, which bound the virtual value;
+    moments: whether the evicted set is attended as a virtual key. The other parameters are ignored.
     Returns the attention output [B, Hq, Dv] in the query's dtype.
 
     The plain-PyTorch kernel: runs on every device and is the reference for the others."""
@@ -54,36 +45,35 @@ def decode_attention_reference(
     logits = _matmul(q, keys.float().transpose(-1, -2)).mul_(scale)
     logits.masked_fill_(~valid.unsqueeze(2), float("-inf"))
     peak = logits.amax(-1, keepdim=True)
-    if corrected:
+    if moments:
         # The evicted set as one virtual key: log-weight log n + s q.mu_k (first order around mu_k).
         empty = (n <= 0)[..., None, None]
         mean_logit = _matmul(q, mu_k.unsqueeze(-1)).mul_(scale).masked_fill_(empty, float("-inf"))
         virtual_logit = mean_logit + torch.log(n.clamp_min(1.0))[..., None, None]
         peak = torch.maximum(peak, virtual_logit)
-    if sinks is not None:
-        sink_logit = sinks.float().view(1, hkv, hq // hkv, 1)
+    if sink_logits is not None:
+        sink_logit = sink_logits.float().view(1, hkv, hq // hkv, 1)
         peak = torch.maximum(peak, sink_logit)
     peak.clamp_(min=torch.finfo(torch.float32).min)  # a row with nothing to attend gives 0, not NaN
     weights = torch.exp(logits - peak)
     total = weights.sum(-1, keepdim=True)
     out = _matmul(weights, values.float())
-    if corrected:
+    if moments:
         # sum_j exp(s q.k_j) v_j ~= exp(s q.mu_k) (n mu_v + s C q) = w_E (mu_v + (s / n) C q)
         virtual_weight = torch.exp(virtual_logit - peak)
         total = total + virtual_weight
-        correction = _matmul(q, comoment.transpose(-1, -2)).mul_((scale / n.clamp_min(1.0))[..., None, None])
-        virtual_value = correction + mu_v.unsqueeze(2)
-        if value_range is not None:
-            # The evicted set's true contribution is a weighted mean of its values, so within their range;
-            # the first-order term is not (it grows with the logits and overflowed fp16 at large ones).
-            virtual_value = torch.minimum(torch.maximum(virtual_value, value_range[:, :, :1]), value_range[:, :, 1:])
+        first_order = _matmul(q, comoment.transpose(-1, -2)).mul_((scale / n.clamp_min(1.0))[..., None, None])
+        virtual_value = first_order + mu_v.unsqueeze(2)
+        # The evicted set's true contribution is a weighted mean of its values, so within their range;
+        # the first-order term is not (it grows with the logits and overflowed fp16 at large ones).
+        virtual_value = torch.minimum(torch.maximum(virtual_value, value_range[:, :, :1]), value_range[:, :, 1:])
         out = out + virtual_weight * virtual_value
-    if sinks is not None:
+    if sink_logits is not None:
         total = total + torch.exp(sink_logit - peak)
     total.clamp_(min=torch.finfo(torch.float32).tiny)
     out = out / total
     probs = weights / total
-    if corrected and moment_weight:
+    if moments and moment_weight:
         # What eviction would lose once the moments stand in: p_j minus its first-order
         # estimate p_mu (1 + x_j), x_j = s q.(k_j - mu_k); exp(x) >= 1 + x keeps it >= 0.
         p_mean = torch.exp(mean_logit - peak) / total
@@ -95,12 +85,5 @@ def decode_attention_reference(
     return out.reshape(b, hq, -1).to(query.dtype)
 
 
-decode_attention = torch.library.custom_op(
-    "momentkv::decode_attention", decode_attention_reference, mutates_args=("importance", "normalizer")
-)
-
-
-@decode_attention.register_fake
-def _(query, keys, values, valid, n, mu_k, mu_v, comoment, importance, normalizer, scale, alpha, corrected,
-      moment_weight=0.0, sinks=None, value_range=None):
-    return query.new_empty(query.shape[0], query.shape[1], values.shape[-1])
+decode_attention = define("decode_attention", decode_attention_reference, mutates=("importance", "normalizer"),
+                          attends=True)
