@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import momentkv
 from momentkv import MomentKVConfig, presets
 
 
@@ -115,7 +116,15 @@ VARIANTS = (
            dict(prefill_vote=0.5, vote_depth=0.67, **_KEPT)),
 )
 
-METHODS: dict[str, Method] = {m.name: m for m in (*MOMENTKV, *BASELINES, *VARIANTS)}
+# Every registered rule inside momentkv's engine with its defaults (prompt tokens competing, the moment
+# correction) and without the correction: the rule alone is what differs between these rows.
+RULES = tuple(row for name in momentkv.policy_names() for row in (
+    Method(f"rule-{name}", f"the registered rule {name!r} with momentkv's defaults (policy={name!r})",
+           dict(policy=name)),
+    Method(f"rule-{name}-plain", f"the registered rule {name!r} with momentkv's defaults, without the moment "
+           "correction", dict(policy=name, correction="none"))))
+
+METHODS: dict[str, Method] = {m.name: m for m in (*MOMENTKV, *BASELINES, *VARIANTS, *RULES)}
 
 
 def method(name: str) -> Method:

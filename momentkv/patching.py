@@ -221,38 +221,45 @@ _REFUSED_UNLESS = {
 }
 
 
+def _checked_call(model: PreTrainedModel, inputs: torch.Tensor | None,
+                  kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """Refuse what a budgeted cache cannot run, before anything is allocated; returns the prompt and the batch of
+    the cache the call needs (rows times returned sequences). May replace ``kwargs["generation_config"]`` by a copy (the caller's stays as it is)."""
+    for name, why in _REFUSED.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name}: {why}")
+    gen_config: GenerationConfig = kwargs.get("generation_config") or model.generation_config
+    if not isinstance(gen_config, GenerationConfig):
+        raise TypeError(f"generation_config must be a transformers GenerationConfig, got {type(gen_config).__name__}")
+    for name, (allowed, why) in _REFUSED_UNLESS.items():
+        value = kwargs.get(name, getattr(gen_config, name, allowed))
+        if value not in (None, allowed):
+            raise ValueError(f"{name}={value!r} is not supported with momentkv: {why}")
+    num_beams = kwargs.get("num_beams", gen_config.num_beams) or 1
+    if num_beams > 1:
+        raise ValueError(f"num_beams must be 1 with momentkv (got {num_beams}); beam search is not supported")
+    if kwargs.get("use_cache", gen_config.use_cache) is False:
+        raise ValueError("use_cache=False bypasses the cache; momentkv needs use_cache=True")
+    if "generation_config" in kwargs and gen_config.cache_implementation is not None:
+        kwargs["generation_config"] = gen_config = copy.deepcopy(gen_config)
+        gen_config.cache_implementation = None
+    prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if not isinstance(prompt, torch.Tensor) or prompt.ndim < 2:
+        raise ValueError("momentkv.generate needs a batched prompt (input_ids of shape [batch, length])")
+    batch, length = prompt.shape[:2]
+    if length == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    context = _context_length(model)
+    if context is not None and length > context:
+        raise ValueError(f"the prompt has {length} tokens, more than the model's context of {context}")
+    return prompt, batch * (kwargs.get("num_return_sequences", gen_config.num_return_sequences) or 1)
+
+
 def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
     generate = type(model).generate.__get__(model)
 
     def budgeted_generate(inputs: torch.Tensor | None = None, **kwargs: Any):
-        for name, why in _REFUSED.items():
-            if kwargs.get(name) is not None:
-                raise ValueError(f"{name}: {why}")
-        gen_config: GenerationConfig = kwargs.get("generation_config") or model.generation_config
-        if not isinstance(gen_config, GenerationConfig):
-            raise TypeError(f"generation_config must be a transformers GenerationConfig, got {type(gen_config).__name__}")
-        for name, (allowed, why) in _REFUSED_UNLESS.items():
-            value = kwargs.get(name, getattr(gen_config, name, allowed))
-            if value not in (None, allowed):
-                raise ValueError(f"{name}={value!r} is not supported with momentkv: {why}")
-        num_beams = kwargs.get("num_beams", gen_config.num_beams) or 1
-        if num_beams > 1:
-            raise ValueError(f"num_beams must be 1 with momentkv (got {num_beams}); beam search is not supported")
-        if kwargs.get("use_cache", gen_config.use_cache) is False:
-            raise ValueError("use_cache=False bypasses the cache; momentkv needs use_cache=True")
-        if "generation_config" in kwargs and gen_config.cache_implementation is not None:
-            kwargs["generation_config"] = gen_config = copy.deepcopy(gen_config)  # the caller's stays as it is
-            gen_config.cache_implementation = None
-        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if not isinstance(prompt, torch.Tensor) or prompt.ndim < 2:
-            raise ValueError("momentkv.generate needs a batched prompt (input_ids of shape [batch, length])")
-        batch, length = prompt.shape[:2]
-        if length == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        context = _context_length(model)
-        if context is not None and length > context:
-            raise ValueError(f"the prompt has {length} tokens, more than the model's context of {context}")
-        batch *= kwargs.get("num_return_sequences", gen_config.num_return_sequences) or 1
+        prompt, batch = _checked_call(model, inputs, kwargs)
         if state.owner == threading.get_ident():
             raise RuntimeError("generate was called again from inside a generate of the same patched model "
                                "(a streamer or stopping criterion?); momentkv runs one generation per model at a time")
@@ -263,7 +270,7 @@ def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
             checkpoint_cache = model.generation_config.cache_implementation
             model.generation_config.cache_implementation = None
             try:
-                state.active = _cache_for(model, state, batch, length, prompt.device)
+                state.active = _cache_for(model, state, batch, prompt.shape[1], prompt.device)
                 if state.compile is not None:
                     kwargs.setdefault("compile_config", _compile_config(model) if state.compile else None)
                     kwargs.setdefault("disable_compile", not state.compile)
