@@ -193,16 +193,30 @@ def kernels(ctx: Context, until: float) -> dict[str, Any]:
                 failed_cases=[{k: r[k] for k in ("dtype", "group", "head_dim")} for r in failed])
 
 
+GRAPH_POLICIES = ("momentum", "keydiff")  # a rule on the fused kernels, and one on the generic path
+
+
 def cuda_graphs(ctx: Context, until: float) -> dict[str, Any]:
-    """The compiled decode step (CUDA graphs on CUDA): one graph, no recompiles, tokens equal to eager."""
-    from torch._dynamo.utils import counters
-
-    import momentkv
-
+    """The compiled decode step (CUDA graphs on CUDA): one graph, no recompiles, tokens equal to eager, for a
+    rule on the fused kernels and a registered rule on the generic path (its function traced into the step)."""
     from .long_run import random_llama
 
     steps = ctx.sizes.graph_steps
     model = random_llama(torch.float32, ctx.device.type, max_positions=steps + 256)
+    rows, skipped = {}, []
+    for policy in GRAPH_POLICIES:
+        if rows and time.perf_counter() > until:
+            skipped.append(policy)
+            continue
+        rows[policy] = _graph_check(ctx, model, policy, steps)
+    return dict(policies=rows, skipped=skipped, passed=all(row["passed"] for row in rows.values()))
+
+
+def _graph_check(ctx: Context, model, policy: str, steps: int) -> dict[str, Any]:
+    from torch._dynamo.utils import counters
+
+    import momentkv
+
     ids = torch.randint(3, 1024, (2, 40), generator=torch.Generator().manual_seed(0)).to(ctx.device)
     kwargs = dict(input_ids=ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
     budget = max(8, steps // 8)  # evicting from an eighth of the way on
@@ -218,12 +232,12 @@ def cuda_graphs(ctx: Context, until: float) -> dict[str, Any]:
 
         cudagraph_trees.CUDAGraphTreeManager.record_function = counting
     try:
-        with momentkv.patched(model, budget=budget, compile=False):
+        with momentkv.patched(model, budget=budget, policy=policy, compile=False):
             eager = model.generate(**kwargs)
         torch._dynamo.reset()
         counters.clear()
         started = time.perf_counter()
-        with momentkv.patched(model, budget=budget, compile=True):
+        with momentkv.patched(model, budget=budget, policy=policy, compile=True):
             compiled = model.generate(**kwargs)
             first_seconds = time.perf_counter() - started
             again = model.generate(**kwargs)  # a new generation of the same shape: nothing may recompile
@@ -385,8 +399,8 @@ def summary_lines(records: list[dict[str, Any]]) -> list[str]:
             worst = max((r["attention_rel_error"] for r in result["rows"]), default=float("nan"))
             text += f"  {len(result['rows'])} cases, worst attention error {worst:.1e}, skipped {len(result['skipped'])}"
         elif record["stage"] == "cuda-graphs" and result:
-            text += (f"  graphs {result['unique_graphs']}, breaks {result['graph_breaks']}, "
-                     f"equal to eager {result['tokens_equal_eager']}")
+            text += "".join(f"  {policy}: graphs {row['unique_graphs']}, breaks {row['graph_breaks']}, equal to eager "
+                            f"{row['tokens_equal_eager']}" for policy, row in result["policies"].items())
         elif record["stage"] == "kernel-bench" and result:
             text += f"  {len(result['rows'])} rows, skipped {len(result.get('skipped', []))}"
         elif record["stage"] == "end-to-end" and result:

@@ -28,7 +28,9 @@ def test_cpu_smoke_runs_every_stage(tmp_path):
     records = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in gpu_check.STAGES}
     assert all(r["result"].get("passed", True) for r in records.values())
     assert records["kernels"]["result"]["rows"] and not records["kernels"]["result"]["skipped"]
-    assert records["cuda-graphs"]["result"]["unique_graphs"] == 1
+    graphs = records["cuda-graphs"]["result"]
+    assert set(graphs["policies"]) == set(gpu_check.GRAPH_POLICIES) and not graphs["skipped"]
+    assert all(row["unique_graphs"] == 1 and row["tokens_equal_eager"] for row in graphs["policies"].values())
     blocks = records["end-to-end"]["result"]["blocks"]
     assert blocks and all("speed_vs_full_static_compiled" in row for block in blocks
                           for name, row in block["systems"].items() if name != "full-static-compiled")

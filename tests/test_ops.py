@@ -1,4 +1,4 @@
-"""The reference ops against brute force: the formulas of DESIGN.md section 1, computed naively."""
+"""The reference ops against brute force: the formulas of docs/starting-design.md section 1, computed naively."""
 
 from __future__ import annotations
 
