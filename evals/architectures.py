@@ -11,6 +11,8 @@ names the model type. ``momentkv models`` runs it and writes ``docs/models.md``.
 
 from __future__ import annotations
 
+import argparse
+import json
 import tempfile
 import traceback
 from dataclasses import asdict, dataclass
@@ -275,3 +277,22 @@ def write_markdown(outcomes: list[Outcome], path: Path) -> None:
 
 def to_json(outcomes: list[Outcome]) -> list[dict]:
     return [asdict(o) for o in outcomes]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``momentkv models``' options."""
+    parser.add_argument("--out", default="docs/models.md", help="markdown table to write")
+    parser.add_argument("--json", default=None, help="also write the outcomes as JSON to this file")
+    parser.add_argument("--only", default="", help="comma-separated model types (default: every one)")
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``momentkv models``: returns the exit code, 1 where an architecture came out wrong or crashed."""
+    outcomes = sweep([t for t in args.only.split(",") if t] or None)
+    write_markdown(outcomes, Path(args.out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(to_json(outcomes), f, indent=2)
+    if any(o.outcome in ("wrong", "crash") for o in outcomes):
+        return 1
+    return 0

@@ -14,7 +14,9 @@ timing, medians over repeats; ratios are taken within each repeat, then their me
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 from pathlib import Path
 from statistics import median
@@ -269,3 +271,64 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``momentkv bench``'s options."""
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 (the real SmolLM2-135M, offline), llama-3.1-8b-random (Llama-3.1-8B's shapes, "
+                             "random weights) or a checkpoint folder; under torchrun the model is sharded by heads "
+                             "(tensor parallelism) and every rank's memory is reported")
+    parser.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when available")
+    parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (random ids)")
+    parser.add_argument("--lengths", default="256,512", help="generated lengths, comma-separated")
+    parser.add_argument("--budgets", default="64,256", help="momentkv budgets, comma-separated")
+    parser.add_argument("--batches", default="1", help="batch sizes, comma-separated")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every run (the median is kept)")
+    parser.add_argument("--systems", default="full-dynamic,full-static-compiled,momentkv-eager,momentkv-compiled,"
+                                             "kvpress-i1,kvpress-i16",
+                        help="comma-separated, of full-dynamic, full-static-compiled, momentkv-eager, "
+                             "momentkv-compiled, momentkv-cudagraphs (CUDA only), kvpress-i1, kvpress-i16 (kvpress "
+                             "only with --kvpress-python; see evals/bench.py)")
+    parser.add_argument("--kvpress-python", default=None,
+                        help="python of an environment with kvpress 0.5.5 (transformers < 5.3), to add its presses")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--plot", default=None, help="write a tokens/s plot (PNG) to this file")
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``momentkv bench``: returns the exit code."""
+    from .models import bench_model, distributed
+
+    systems = args.systems.split(",")
+    unknown = [name for name in systems if name not in SYSTEMS]
+    if unknown:
+        parser.error(f"--systems: unknown {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+    if distributed() and any(name.startswith("kvpress") for name in systems):
+        parser.error("--systems: kvpress runs in its own process, not under torchrun")
+    try:
+        model, folder = bench_model(args.model, args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    first = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports for every rank
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    result = run_bench(model, folder, args.prompt_len, ints(args.lengths), ints(args.budgets),
+                       ints(args.batches), systems, args.repeats, args.kvpress_python,
+                       log=print if first else lambda line: None)
+    if first:
+        print(format_table(result))
+        for rank, rows in enumerate(result.get("per_rank", [])):
+            held = ", ".join(f"{r['system']} {r.get('cache_bytes', r.get('kv_bytes', 0)) / 2**20:.2f} MiB"
+                             for r in rows)
+            print(f"rank {rank}: {held}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        if args.plot:
+            plot(result, args.plot)
+    if distributed():  # leave together: a rank exiting with the group alive can abort its peer's gloo threads
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0

@@ -7,7 +7,9 @@ full cache's answer, token by token, to count how often it predicts what the ful
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
 import shutil
 import textwrap
 import time
@@ -19,9 +21,10 @@ from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 import momentkv
-from momentkv.evals.fidelity import stream
-from momentkv.evals.models import chat_prompt, load_smollm2
-from momentkv.evals.provenance import versions
+
+from .fidelity import stream
+from .models import chat_prompt, load_smollm2
+from .provenance import versions
 
 PROMPT = ("Write a long, detailed essay on the history of the printing press: its inventors, how it spread "
           "across Europe, and how it changed science, religion and politics.")
@@ -142,3 +145,25 @@ def run_demo(budget: int = 64, new_tokens: int = 512, prompt: str = PROMPT, comp
         "full_text": tokenizer.decode(full.tokens, skip_special_tokens=True),
         "momentkv_text": tokenizer.decode(budgeted.tokens, skip_special_tokens=True),
     }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``momentkv demo``'s options."""
+    parser.add_argument("--budget", type=int, default=64, help="decode slots per layer and KV head")
+    parser.add_argument("--new-tokens", type=int, default=512, help="tokens to generate in each pass")
+    parser.add_argument("--prompt", default=None, help="the user message (default: a long-essay request)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both answers")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
+    parser.add_argument("--json", default=None, help="also write the summary and both answers to this file")
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``momentkv demo``: returns the exit code."""
+    if args.new_tokens < 1:
+        parser.error("--new-tokens must be >= 1")
+    summary = run_demo(budget=args.budget, new_tokens=args.new_tokens, prompt=args.prompt or PROMPT,
+                       compile=args.compile, seed=args.seed)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0

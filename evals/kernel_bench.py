@@ -9,6 +9,7 @@ Prints a table, writes JSON.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -186,3 +187,20 @@ def main(out: str | None, keys: list[int], batches: list[int], device: str) -> d
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
     return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``momentkv bench-kernels``' options."""
+    parser.add_argument("--keys", default="1024,2048,4096,8192,16384,32768", help="comma-separated key counts")
+    parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    parser.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when available")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``momentkv bench-kernels``: returns the exit code."""
+    from .models import default_device
+
+    main(args.out, [int(k) for k in args.keys.split(",")], [int(b) for b in args.batches.split(",")],
+         default_device(args.device))
+    return 0

@@ -8,6 +8,8 @@ cache's moment statistics are read.
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -91,3 +93,33 @@ def summary(run: LongRun) -> dict[str, Any]:
     if run.checkpoints and "cuda_allocated_bytes" in run.checkpoints[0]:
         out["cuda_growth_after_warmup_bytes"] = run.growth_after_warmup("cuda_allocated_bytes")
     return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``momentkv long-run``'s options."""
+    parser.add_argument("--tokens", type=int, default=20000, help="tokens to generate")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--budget", type=int, default=32, help="momentkv budget")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``momentkv long-run``: returns the exit code, 1 where a number was not finite."""
+    results = []
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            parser.error(f"--dtypes: unknown torch dtype {name!r}")
+        result = summary(long_run(args.tokens, dtype, args.device, args.budget))
+        results.append(result)
+        print(f"{name}: {args.tokens} tokens in {result['seconds']:.0f} s, finite={result['finite']}, "
+              f"RSS growth after warm-up {result['rss_growth_after_warmup_bytes'] / 2**20:.2f} MiB"
+              + (f", CUDA growth {result['cuda_growth_after_warmup_bytes']} B"
+                 if "cuda_growth_after_warmup_bytes" in result else ""))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    if not all(r["finite"] for r in results):
+        return 1
+    return 0

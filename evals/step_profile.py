@@ -10,6 +10,8 @@ graph calls). Only public entry points: ``momentkv.patched``, ``state_of`` and `
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import time
 from statistics import median
@@ -86,3 +88,34 @@ def profile_step(model, prompt_len: int, new_tokens: int, budget: int, batch: in
                 per_layer_warm_us=per_layer, step_through_dispatcher_us=dispatched_us,
                 cpu_kernel=os.environ.get("MOMENTKV_CPU_KERNEL", "fused"), budget=budget, prompt_len=prompt_len,
                 new_tokens=new_tokens, batch=batch, device=str(device))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``momentkv profile-step``'s options."""
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "llama-3.1-8b-random"],
+                        help="as for bench")
+    parser.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when available")
+    parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (random ids)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="generated tokens timed")
+    parser.add_argument("--budget", type=int, default=64, help="momentkv budget")
+    parser.add_argument("--batch", type=int, default=1, help="batch size")
+    parser.add_argument("--out", default=None, help="write the split as JSON to this file")
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``momentkv profile-step``: returns the exit code."""
+    from .models import bench_model
+
+    model, _ = bench_model(args.model, args.device)
+    result = profile_step(model, args.prompt_len, args.new_tokens, args.budget, args.batch)
+    print(f"step {result['step_ms']:.2f} ms with {result['budgeted_layers']} budgeted layers, "
+          f"{result['full_dynamic_step_ms']:.2f} ms with the dynamic full cache: "
+          f"{result['added_per_layer_over_full_cache_us']:+.0f} us per budgeted layer over the full cache")
+    print(f"per layer, warm ({result['cpu_kernel']} CPU kernels; the step through the dispatcher "
+          f"{result['step_through_dispatcher_us']:.0f} us):")
+    for name, us in result["per_layer_warm_us"].items():
+        print(f"  {name:24s} {us:8.1f} us")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0

@@ -8,13 +8,14 @@ slots actually used plus the decode budget (or the prefill budget plus the decod
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ import momentkv
 from .fidelity import SAMPLING, full_cache_reference, loop_period, rouge_l, sampled_free_run, sampled_reference, stream
 from .kvpress_fidelity import PRESSES, kvpress_rows
 from .methods import FULL, METHODS, method
-from .models import cache_home, chat_prompt
+from .models import cache_home, chat_prompt, load_smollm2, smollm2_checkpoint
 from .workloads import (
     RETRIEVAL_TASKS,
     documents,
@@ -361,3 +362,54 @@ class Suite:
                     self._perplexity(progress)
                 else:
                     self._retrieval(progress)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``momentkv eval``'s options (every field of :class:`Settings`) and its epilog."""
+    defaults = Settings()
+    words = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
+    ints = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
+    parser.epilog = (f"workloads: {', '.join(WORKLOADS)}. methods: {FULL} (the reference), {', '.join(METHODS)}; "
+                     "each is described in momentkv/evals/methods.py and docs/results.md. The default run takes "
+                     "hours on a CPU; --workloads, --methods and --budgets narrow it.")
+    parser.add_argument("--out", default="results/eval/fidelity.json",
+                        help="results JSON; an existing file is resumed (finished cells are skipped)")
+    parser.add_argument("--workloads", type=words, default=",".join(defaults.workloads),
+                        help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    parser.add_argument("--methods", type=words, default="", help="comma-separated method names; empty: every one")
+    for name, value in vars(defaults).items():
+        if name in ("workloads", "methods"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, tuple):
+            parser.add_argument(flag, type=words if isinstance(value[0], str) else ints,
+                                default=",".join(map(str, value)),  # argparse parses a string default
+                                help=f"{SETTINGS_HELP[name]}, comma-separated")
+        else:
+            parser.add_argument(flag, type=int, default=value, help=SETTINGS_HELP[name])
+    parser.add_argument("--kvpress-python", default=os.environ.get("KVPRESS_PYTHON"),
+                        help="python of an environment with kvpress 0.5.5, to add its presses (default: $KVPRESS_PYTHON)")
+    parser.add_argument("--report-only", action="store_true", help="only write the markdown table and plots")
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``momentkv eval``: runs the cells not yet in ``--out``, then writes the report; returns the exit code."""
+    from .report import write_report  # report imports this module
+
+    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    try:
+        settings.check()
+    except ValueError as error:
+        parser.error(str(error))
+    results = Results(Path(args.out))
+    if not args.report_only:
+        torch.manual_seed(0)
+        model, tokenizer = load_smollm2()
+        try:
+            suite = Suite(model, tokenizer, settings, results, str(smollm2_checkpoint()), args.kvpress_python)
+        except ValueError as error:
+            parser.error(str(error))
+        suite.run()
+    for path in write_report(results):
+        print(f"wrote {path}")
+    return 0

