@@ -19,6 +19,12 @@ from .kernels import REFERENCES, register
 from .signature import by_name
 
 
+# Horizontal fusion off in the C++ backend: with it, inductor (torch 2.13) fails on the attention-and-eviction
+# graph with the moments kept and the window capped (the defaults): its outer-loop fusion with a local buffer reads
+# a weak user of the updated score as a load (``KeyError: 'buf11'``), and every step fell back to the eager body.
+INDUCTOR_OPTIONS = {"cpp.max_horizontal_fusion_size": 1}
+
+
 def _signature(args: tuple) -> tuple:
     """What a compiled kernel is specialised on: the non-tensor arguments, each tensor's layout, and the modes
     (grad, inference, autocast) it was traced under: the checks dynamo's guards would make on each call."""
@@ -42,7 +48,8 @@ def _compile(reference: Callable, args: tuple) -> tuple[Callable, Any]:
     copy = types.FunctionType(reference.__code__.replace(), reference.__globals__, reference.__name__,
                               reference.__defaults__, reference.__closure__)
     traced = torch.compile(copy, backend=backend, dynamic=False, fullgraph=True)
-    out = traced(*args)
+    with torch._inductor.config.patch(INDUCTOR_OPTIONS):
+        out = traced(*args)
     positions = [next((i for i, a in enumerate(args) if a is each), None) for each in graph["inputs"]]
     if None in positions or not (out is None or isinstance(out, torch.Tensor)):
         return traced, out  # the graph reads something besides the arguments: keep dynamo's own call

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from momentkv.ops import cpu, kernels
-from momentkv.ops.signature import by_name
-from op_states import op_arguments
+from momentkv.ops import LayerState
+from momentkv.ops.signature import by_name, named, positional
+from op_states import op_arguments, step_settings
 from test_ops import make_state
 
 
@@ -97,3 +98,26 @@ def test_the_first_eviction_compiles_nothing():
     before, after = map(int, done.stdout.split()[-2:])
     assert before > 0, "the fused kernels were not compiled at all"
     assert after == before, f"{after - before} compilations once eviction began"
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the fallback to the eager body warns: here it fails
+@pytest.mark.parametrize("dtype, layer_scope", [(torch.float32, False), (torch.bfloat16, False),
+                                                (torch.float32, True)], ids=["fp32", "bf16", "layer-scope"])
+def test_the_step_of_the_defaults_compiles_at_a_models_shape(dtype, layer_scope):
+    """The defaults' step (moments kept, the window capped) at a real head size compiles into one fused kernel.
+    Inductor's C++ outer-loop fusion once failed on it (KeyError in codegen) and every step of every default
+    generation silently ran the eager body; ``ops/cpu.py`` compiles with horizontal fusion off."""
+    state = LayerState.allocate(1, 2, 97, 32, 32, dtype, dtype, torch.device("cpu"))
+    state.valid[..., :64] = True
+    state.evictable[..., 4:] = True
+    state.seen.fill_(64)
+    state.decode_len.fill_(40)
+    settings = step_settings(budget=32, recent_window=64, cap_window=True, moments=True, layer_scope=layer_scope)
+    values = named(state, settings, query=torch.randn(1, 8, 32, dtype=dtype), scale=0.125)
+    expected = by_name(kernels.REFERENCES["decode_step"])(*positional(dict(values, **clone_state(values))))
+    out = fused("decode_step")(*positional(values))
+    torch.testing.assert_close(out, expected)
+
+
+def clone_state(values):
+    return {name: values[name].clone() for name in LayerState.__dataclass_fields__}
