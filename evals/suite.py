@@ -370,7 +370,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     words = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
     ints = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
     parser.epilog = (f"workloads: {', '.join(WORKLOADS)}. methods: {FULL} (the reference), {', '.join(METHODS)}; "
-                     "each is described in momentkv/evals/methods.py and docs/results.md. The default run takes "
+                     "each is described in evals/methods.py and docs/results.md. The default run takes "
                      "hours on a CPU; --workloads, --methods and --budgets narrow it.")
     parser.add_argument("--out", default="results/eval/fidelity.json",
                         help="results JSON; an existing file is resumed (finished cells are skipped)")

@@ -19,10 +19,10 @@ from .kernels import REFERENCES, register
 from .signature import by_name
 
 
-# Horizontal fusion off in the C++ backend: with it, inductor (torch 2.13) fails on the attention-and-eviction
-# graph with the moments kept and the window capped (the defaults): its outer-loop fusion with a local buffer reads
-# a weak user of the updated score as a load (``KeyError: 'buf11'``), and every step fell back to the eager body.
-INDUCTOR_OPTIONS = {"cpp.max_horizontal_fusion_size": 1}
+# Inductor (torch 2.13) fails on some shapes of the defaults' step (moments kept, window capped): its C++
+# outer-loop fusion with a local buffer reads the in-place update of the score as a load (``KeyError: 'buf11'``),
+# and every step fell back to the eager body. Such a graph is compiled again with horizontal fusion off.
+RETRY_OPTIONS = {"cpp.max_horizontal_fusion_size": 1}
 
 
 def _signature(args: tuple) -> tuple:
@@ -45,14 +45,21 @@ def _compile(reference: Callable, args: tuple) -> tuple[Callable, Any]:
         graph["compiled"], graph["inputs"] = torch._inductor.compile(gm, example_inputs), list(example_inputs)
         return graph["compiled"]
 
-    copy = types.FunctionType(reference.__code__.replace(), reference.__globals__, reference.__name__,
-                              reference.__defaults__, reference.__closure__)
-    traced = torch.compile(copy, backend=backend, dynamic=False, fullgraph=True)
-    with torch._inductor.config.patch(INDUCTOR_OPTIONS):
-        out = traced(*args)
+    def traced() -> Callable:
+        copy = types.FunctionType(reference.__code__.replace(), reference.__globals__, reference.__name__,
+                                  reference.__defaults__, reference.__closure__)
+        return torch.compile(copy, backend=backend, dynamic=False, fullgraph=True)
+
+    run = traced()
+    try:
+        out = run(*args)  # inductor fails while compiling, before the graph runs: nothing is mutated yet
+    except torch._inductor.exc.InductorError:  # see RETRY_OPTIONS
+        with torch._inductor.config.patch(RETRY_OPTIONS):
+            run = traced()
+            out = run(*args)
     positions = [next((i for i, a in enumerate(args) if a is each), None) for each in graph["inputs"]]
     if None in positions or not (out is None or isinstance(out, torch.Tensor)):
-        return traced, out  # the graph reads something besides the arguments: keep dynamo's own call
+        return run, out  # the graph reads something besides the arguments: keep dynamo's own call
     compiled = graph["compiled"]
 
     def kernel(*call_args):

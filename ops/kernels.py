@@ -38,15 +38,22 @@ def registered() -> list[tuple[str, str]]:
 
 
 Route = Literal["kernel", "reference", "dispatcher"]
+# Traced into a compiled graph rather than called as an opaque op: a few indexing ops (``index_put_``, done in
+# place) that inductor fuses with the rest, where an op call would add the dispatcher's cost every layer and step.
+TRACED_WHEN_COMPILING = ("write",)
 _REFERENCE_KERNELS = {name: by_name(body) for name, body in REFERENCES.items()}
 
 
 def call(name: str, state: LayerState, settings: StepSettings, route: Route = "kernel", **per_call: Any):
     """Run decode op ``name`` on a layer's ``state`` and ``settings`` (``per_call``: the token, scale, sink logits,
-    rank, or a replacement for a state tensor or a setting): as a graph node while compiling; otherwise directly
+    rank, or a replacement for a state tensor or a setting): as a graph node while compiling (the write traced
+    in, :data:`TRACED_WHEN_COMPILING`); otherwise directly
     on its device's kernel, on the plain-PyTorch reference (``route="reference"``, for checks) or through the
     dispatcher (to measure it)."""
-    args = positional(named(state, settings, **per_call))
+    values = named(state, settings, **per_call)
+    if name in TRACED_WHEN_COMPILING and torch.compiler.is_compiling():
+        return REFERENCES[name](**values)
+    args = positional(values)
     if torch.compiler.is_compiling() or route == "dispatcher":
         return getattr(torch.ops.momentkv, name).default(*args)
     if route == "reference":

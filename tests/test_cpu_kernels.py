@@ -105,8 +105,8 @@ def test_the_first_eviction_compiles_nothing():
                                                 (torch.float32, True)], ids=["fp32", "bf16", "layer-scope"])
 def test_the_step_of_the_defaults_compiles_at_a_models_shape(dtype, layer_scope):
     """The defaults' step (moments kept, the window capped) at a real head size compiles into one fused kernel.
-    Inductor's C++ outer-loop fusion once failed on it (KeyError in codegen) and every step of every default
-    generation silently ran the eager body; ``ops/cpu.py`` compiles with horizontal fusion off."""
+    Inductor's C++ outer-loop fusion failed on it (KeyError in codegen) and every step of every default generation
+    silently ran the eager body; ``ops/cpu.py`` compiles such a graph again with horizontal fusion off."""
     state = LayerState.allocate(1, 2, 97, 32, 32, dtype, dtype, torch.device("cpu"))
     state.valid[..., :64] = True
     state.evictable[..., 4:] = True
