@@ -37,12 +37,13 @@ _TYPES = {**get_type_hints(LayerState), **get_type_hints(StepSettings),
 PARAMETERS = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_TYPES[name])
               for name in (*STATE_FIELDS, *SETTING_FIELDS, *PER_CALL)]
 NAMES = tuple(p.name for p in PARAMETERS)
+_KNOWN = frozenset(NAMES)
 
 
 def named(state: LayerState, settings: StepSettings, **per_call: Any) -> dict[str, Any]:
     """Every parameter by name: the state's tensors, the settings, and ``per_call`` (which may also replace a
     state tensor or a setting, e.g. a scratch ``importance``)."""
-    unknown = set(per_call) - set(NAMES)
+    unknown = per_call.keys() - _KNOWN
     if unknown:
         raise TypeError(f"not a decode-op parameter: {', '.join(sorted(unknown))}")
     values = {name: default for name, (_, default) in PER_CALL.items()}
