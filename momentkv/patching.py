@@ -7,6 +7,7 @@ Only the model given is touched: its attention implementation name, and an insta
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import threading
 import weakref
@@ -23,7 +24,8 @@ from transformers.modeling_utils import AttentionInterface
 from momentkv.config import MomentKVConfig
 from momentkv.patches import MomentKVCache, UnsupportedAttention, make_attention, own_attention
 from momentkv.patches.parallel import ONE_PROCESS, HeadGroup, head_group
-from momentkv.patches.private_api import attention_implementation, compile_on_any_device, unregister
+from momentkv.patches.private_api import (attention_parts, compile_on_any_device, effective_generation_config,
+                                          unregister)
 from momentkv.patches.support import refusal
 from momentkv.policies import PolicyError
 
@@ -51,6 +53,7 @@ class PatchState:
     # One generation at a time per model: the cache is the model's. Another thread waits its turn.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     owner: int | None = field(default=None, repr=False)
+    original_parts: dict = field(default_factory=dict, repr=False)  # each part's attention before patching
 
 
 def _check_supported(model: Any) -> None:
@@ -80,8 +83,12 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
         config = MomentKVConfig(budget=budget, **options)
     elif budget is not None or options:
         raise TypeError("pass either config=... or budget=... with options, not both")
+    elif not isinstance(config, MomentKVConfig):
+        raise TypeError(f"config must be a momentkv.MomentKVConfig, got {type(config).__name__}; for a dict, "
+                        "pass its entries as options: momentkv.patch(model, **settings)")
     if compile is not None and not isinstance(compile, bool):
         raise TypeError(f"compile must be None, True or False, got {compile!r}")
+    config = _fit_defaults(config, _context_length(model))
     _check_bounds(config, _context_length(model))
     heads = head_group(model)
     kv_heads = getattr(model.config.get_text_config(decoder=True), "num_key_value_heads", None)
@@ -90,7 +97,9 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
                          "tensor-parallel ranks: the ranks must hold equal shares of the KV heads (transformers' own "
                          "attention fails on this split too); use a tensor-parallel degree that divides the KV heads")
 
-    original = attention_implementation(model)
+    parts = attention_parts(model)
+    text_path = text_decoder_path(model)
+    original = _part(parts, text_path)
     states = _REUSABLE.setdefault(model, {})
     state = states.get((config, original))
     if state is None:
@@ -100,10 +109,10 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
                            compile=compile, mask=mask, heads=heads)
         state.attention = make_attention(lambda: state.active, fallback)
         states[(config, original)] = state
-    state.compile = compile
+    state.compile, state.original_parts = compile, parts
     AttentionInterface.register(state.name, state.attention)
     AttentionMaskInterface.register(state.name, state.mask)
-    model.set_attn_implementation(state.name)
+    model.set_attn_implementation(_nested(text_path, state.name))  # the text decoder alone: not a vision tower
     setattr(model, _ATTR, state)
     model.generate = _budgeted_generate(model, state)
     model.__deepcopy__ = lambda memo: _deepcopy_patched(model, memo)
@@ -114,15 +123,53 @@ def patch(model: PreTrainedModel, budget: int | None = None, *, compile: bool | 
         unpatch(model)
         raise ValueError(f"momentkv cannot use policy {config.policy!r}: a two-token trial generation with the "
                          f"budgeted cache failed: {error}") from error
-    except (UnsupportedAttention, ValueError) as error:
+    except Exception as error:  # whatever fails in the model's own code too: patch refuses with a ValueError
         unpatch(model)
         kind = getattr(model.config, "model_type", type(model).__name__)
         raise ValueError(f"momentkv cannot patch model type {kind!r}: a two-token trial generation with the budgeted "
-                         f"cache failed: {error}") from error
+                         f"cache failed: {type(error).__name__}: {error}") from error
     return model
 
 
 _INSTANCE_ATTRS = ("generate", "__deepcopy__", "__reduce_ex__", _ATTR)
+
+
+def text_decoder_path(model: PreTrainedModel) -> tuple[str, ...]:
+    """The sub-config keys leading to the text decoder's config (``("text_config",)`` in a vision-language
+    model; ``()`` when the model is the decoder): the one part momentkv patches."""
+    text = model.config.get_text_config(decoder=True)
+    paths = [((), model.config)]
+    while paths:
+        path, config = paths.pop(0)
+        if config is text:
+            return path
+        paths += [(path + (key,), getattr(config, key)) for key in getattr(config, "sub_configs", {})
+                  if getattr(config, key, None) is not None]
+    return ()
+
+
+def _nested(path: tuple[str, ...], value: Any) -> Any:
+    """``set_attn_implementation``'s form for one part: ``{"text_config": value}``; the model itself for ()."""
+    for key in reversed(path):
+        value = {key: value}
+    return value if path else {"": value}
+
+
+def _part(parts: dict, path: tuple[str, ...]) -> str:
+    for key in path:
+        parts = parts[key]
+    return parts[""]
+
+
+def _fit_defaults(config: MomentKVConfig, context: int | None) -> MomentKVConfig:
+    """``config`` with each option left at its default cut to the model's context (a model of 48 tokens is
+    patched with ``budget`` alone); an option the user chose beyond the context is refused by _check_bounds."""
+    if context is None:
+        return config
+    defaults = MomentKVConfig(budget=config.budget, protect_prompt=config.protect_prompt)
+    cut = {name: context for name in ("recent_window", "prompt_bucket", "observation_window", "sinks")
+           if getattr(config, name) == getattr(defaults, name) > context}
+    return dataclasses.replace(config, **cut) if cut else config
 
 
 def _check_bounds(config: MomentKVConfig, context: int | None) -> None:
@@ -139,12 +186,19 @@ def _check_bounds(config: MomentKVConfig, context: int | None) -> None:
 def _trial_generation(model: PreTrainedModel, state: PatchState) -> None:
     """Two tokens after a three-token prompt through the budgeted cache, so that a model whose attention the
     decode step cannot reproduce (keys transformed after the cache, a cache of its own...) is refused now,
-    not after its first answer. Its cache is dropped; nothing else is kept."""
+    not after its first answer. It runs on transformers' default generation settings, not the checkpoint's
+    (``use_cache: false``, beams, stop strings belong to the generate calls that use them). Its cache is
+    dropped; nothing else is kept."""
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = (torch.arange(3, device=model.device) % vocab)[None]
-    with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
-                       do_sample=False, pad_token_id=0, eos_token_id=None, disable_compile=True, compile_config=None)
+    checkpoint_settings, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
+                           do_sample=False, pad_token_id=0, eos_token_id=None, disable_compile=True,
+                           compile_config=None)
+    finally:
+        model.generation_config = checkpoint_settings
     decoded = [layer.state.decode_len.item() for layer in state.cache.budgeted_layers if layer.is_initialized]
     state.cache = None
     if not decoded or max(decoded) == 0:
@@ -160,7 +214,7 @@ def _deepcopy_patched(model: PreTrainedModel, memo: dict) -> PreTrainedModel:
         clone = copy.deepcopy(model, memo)
     finally:
         model.__dict__.update(saved)
-    clone.set_attn_implementation(state.original_attention)
+    clone.set_attn_implementation(state.original_parts)
     return patch(clone, config=state.config, compile=state.compile)
 
 
@@ -171,14 +225,23 @@ def _refuse_pickling(protocol: int) -> None:
 
 
 def unpatch(model: PreTrainedModel) -> PreTrainedModel:
-    """Undo :func:`patch`: the model's attention and ``generate`` are as before; returns the model."""
+    """Undo :func:`patch`: the model's attention and ``generate`` are as before; returns the model. A generation
+    in progress in another thread finishes first."""
     state = state_of(model)
-    model.set_attn_implementation(state.original_attention)
+    if state.owner == threading.get_ident():
+        raise RuntimeError("momentkv.unpatch was called from inside a generate of the same model (a streamer or "
+                           "stopping criterion?); unpatch after generate returns")
+    with state.lock:
+        _unpatch(model, state)
+    return model
+
+
+def _unpatch(model: PreTrainedModel, state: PatchState) -> None:
+    model.set_attn_implementation(state.original_parts)
     for name in _INSTANCE_ATTRS:
         model.__dict__.pop(name, None)
     state.cache = state.active = None  # free the buffers; the state itself is kept for a later patch
     unregister(state.name)
-    return model
 
 
 @contextmanager
@@ -204,55 +267,71 @@ def state_of(model: PreTrainedModel) -> PatchState:
 # transformers 5.24 renamed generate's ``past_key_values`` (argument and output field) to ``cache``; the old name
 # now warns on every use.
 GENERATE_CACHE_ARG = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+# Every name generate takes a cache of the caller's under (the old ones still work).
+CACHE_ARGS = tuple(dict.fromkeys(["cache", "past_key_values", *ALL_CACHE_NAMES]))
 
+# Options of generate and GenerationConfig a budgeted cache cannot run, refused when set (in either form).
 _REFUSED = {
-    "past_key_values": "momentkv manages the cache itself; do not pass past_key_values",
-    "cache": "momentkv manages the cache itself; do not pass cache",
     "assistant_model": "assisted/speculative generation is not supported with a budgeted cache",
     "prompt_lookup_num_tokens": "prompt-lookup (speculative) decoding is not supported with a budgeted cache",
-    "cache_implementation": "momentkv manages the cache itself; do not pass cache_implementation",
+    "assistant_early_exit": "self-speculative (early-exit) decoding is not supported with a budgeted cache",
     "penalty_alpha": "contrastive search re-runs steps on a cropped cache, which a budgeted cache cannot do",
     "prefill_chunk_size": "chunked prefill writes several tokens per step after the first, which momentkv refuses",
 }
-# Flags that would silently give less than asked: refused when set to anything but these values.
+# Options that would silently give less than asked: refused when set to anything but these values (None: unset).
 _REFUSED_UNLESS = {
-    "output_attentions": (False, "the budgeted decode step computes no attention weights to return"),
-    "num_beam_groups": (1, "diverse beam search is beam search, which momentkv does not support"),
+    "use_cache": ((True,), "without it generate bypasses the cache (a checkpoint's generation config may say "
+                        "use_cache: false after training); pass use_cache=True"),
+    "num_beam_groups": ((None, 1), "diverse beam search is beam search, which momentkv does not support"),
+    "num_beams": ((None, 1), "beam search reorders the cache between rows, which a budgeted cache does not support"),
+    "output_attentions": ((None, False), "the budgeted decode step computes no attention weights to return"),
 }
 
 
 def _checked_call(model: PreTrainedModel, inputs: torch.Tensor | None,
                   kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
     """Refuse what a budgeted cache cannot run, before anything is allocated; returns the prompt and the batch of
-    the cache the call needs (rows times returned sequences). May replace ``kwargs["generation_config"]`` by a copy (the caller's stays as it is)."""
-    for name, why in _REFUSED.items():
+    the cache the call needs (rows times returned sequences). The options are read as generate will read them
+    (keywords over ``generation_config`` over the checkpoint's), so both forms are refused alike. May replace
+    ``kwargs["generation_config"]`` by a copy (the caller's stays as it is) and drops a cache argument of None."""
+    for name in CACHE_ARGS:
         if kwargs.get(name) is not None:
+            raise ValueError(f"{name}: momentkv manages the cache itself; do not pass {name}")
+        kwargs.pop(name, None)
+    given = kwargs.get("generation_config")
+    if given is not None and not isinstance(given, GenerationConfig):
+        raise TypeError(f"generation_config must be a transformers GenerationConfig, got {type(given).__name__}")
+    if kwargs.get("assistant_model") is not None:
+        raise ValueError(f"assistant_model: {_REFUSED['assistant_model']}")
+    options = {name: value for name, value in kwargs.items() if name != "generation_config"}
+    effective = effective_generation_config(model, given, options)
+    for name, why in _REFUSED.items():
+        if getattr(effective, name, None) is not None:
             raise ValueError(f"{name}: {why}")
-    gen_config: GenerationConfig = kwargs.get("generation_config") or model.generation_config
-    if not isinstance(gen_config, GenerationConfig):
-        raise TypeError(f"generation_config must be a transformers GenerationConfig, got {type(gen_config).__name__}")
     for name, (allowed, why) in _REFUSED_UNLESS.items():
-        value = kwargs.get(name, getattr(gen_config, name, allowed))
-        if value not in (None, allowed):
+        value = getattr(effective, name, allowed[-1])
+        if value not in allowed:
             raise ValueError(f"{name}={value!r} is not supported with momentkv: {why}")
-    num_beams = kwargs.get("num_beams", gen_config.num_beams) or 1
-    if num_beams > 1:
-        raise ValueError(f"num_beams must be 1 with momentkv (got {num_beams}); beam search is not supported")
-    if kwargs.get("use_cache", gen_config.use_cache) is False:
-        raise ValueError("use_cache=False bypasses the cache; momentkv needs use_cache=True")
-    if "generation_config" in kwargs and gen_config.cache_implementation is not None:
-        kwargs["generation_config"] = gen_config = copy.deepcopy(gen_config)
-        gen_config.cache_implementation = None
-    prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    # A checkpoint's choice of cache yields to momentkv's; one asked for by the call is refused.
+    checkpoint_cache = model.generation_config.cache_implementation
+    if effective.cache_implementation not in (None, checkpoint_cache):
+        raise ValueError(f"cache_implementation={effective.cache_implementation!r}: momentkv manages the cache itself; "
+                         "do not pass cache_implementation")
+    if given is not None and given.cache_implementation is not None:
+        kwargs["generation_config"] = given = copy.deepcopy(given)
+        given.cache_implementation = None
+    prompt = next((tensor for tensor in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+                   if tensor is not None), None)
     if not isinstance(prompt, torch.Tensor) or prompt.ndim < 2:
-        raise ValueError("momentkv.generate needs a batched prompt (input_ids of shape [batch, length])")
+        raise ValueError("momentkv.generate needs a batched prompt (input_ids of shape [batch, length], or "
+                         "inputs_embeds of shape [batch, length, hidden])")
     batch, length = prompt.shape[:2]
     if length == 0:
         raise ValueError("the prompt is empty: give at least one token")
     context = _context_length(model)
     if context is not None and length > context:
         raise ValueError(f"the prompt has {length} tokens, more than the model's context of {context}")
-    return prompt, batch * (kwargs.get("num_return_sequences", gen_config.num_return_sequences) or 1)
+    return prompt, batch * (effective.num_return_sequences or 1)
 
 
 def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
@@ -274,7 +353,8 @@ def _budgeted_generate(model: PreTrainedModel, state: PatchState) -> Callable:
                 if state.compile is not None:
                     kwargs.setdefault("compile_config", _compile_config(model) if state.compile else None)
                     kwargs.setdefault("disable_compile", not state.compile)
-                return generate(inputs, **{GENERATE_CACHE_ARG: state.active}, **kwargs)
+                with state.active.generating():
+                    return generate(inputs, **{GENERATE_CACHE_ARG: state.active}, **kwargs)
             finally:
                 state.active = state.owner = None
                 model.generation_config.cache_implementation = checkpoint_cache
@@ -291,11 +371,14 @@ def _cache_for(model: PreTrainedModel, state: PatchState, batch: int, length: in
     """A fresh cache for this prompt: the previous one reset in place when its shape allows."""
     slots = state.config.prompt_slots(length)
     cache = state.cache
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else model.dtype
-    if cache is not None and cache.fits(batch, slots, dtype, device):
+    # What decides the dtypes of keys and values: the weights', and autocast's if on (the two differ: RoPE
+    # promotes autocast's keys to fp32), so a cache made under one is never reused under the other.
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    compute = (model.dtype, autocast)
+    if cache is not None and cache.fits(batch, slots, compute, device):
         cache.reset()
     else:
-        cache = state.cache = MomentKVCache(model.config, state.config, slots, dtype, state.heads)
+        cache = state.cache = MomentKVCache(model.config, state.config, slots, compute, state.heads)
     return cache
 
 

@@ -82,6 +82,10 @@ def make_attention(active_cache: Callable[[], MomentKVCache | None], fallback: C
             return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if not layer.prefilled:
+            if dropout:
+                raise ValueError(f"momentkv cannot generate with attention dropout ({dropout}, {_where(module)} is in "
+                                 "training mode): the budgeted decode step has none, so the prompt and the decode "
+                                 "steps would differ; call model.eval() before generate")
             result = fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
             layer.prefill(query, key_validity(attention_mask, key), scale)
             return result

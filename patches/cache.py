@@ -12,7 +12,9 @@ The attention function (``patches/attention.py``) only routes to them and checks
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -31,6 +33,13 @@ from momentkv.policies import policy
 from .parallel import ONE_PROCESS, HeadGroup
 from .rule import decode_scores, prompt_scores
 from .support import BOUNDED, BUDGETED, UnsupportedAttention, layer_types
+
+
+OUTSIDE_GENERATE = (
+    "a MomentKVCache is filled and read only inside generate() of a model patched by momentkv (momentkv.patch): its "
+    "decode step runs there. A forward loop of one's own over it, or the cache generate returned fed back into the "
+    "model, would attend to the new token alone. Use generate: a LogitsProcessor, a StoppingCriteria or a streamer "
+    "sees every step, and a conversation continues by generating from the whole conversation again")
 
 
 @dataclass
@@ -86,6 +95,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.pending: PendingPrompt | None = None
         self.state: LayerState | None = None
         self.unattended = False  # a token was written and its attention has not run yet (eager only)
+        self.in_generation = False  # inside the patched generate this cache serves (MomentKVCache.generating)
 
     # -- allocation -----------------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -99,6 +109,13 @@ class BudgetedLayer(CacheLayerMixin):
             for buffer in self.buffers():
                 torch._dynamo.mark_static_address(buffer)
         self.is_initialized = True
+
+    def holds(self, key_states: Tensor, value_states: Tensor) -> bool:
+        """Whether this layer's buffers take tokens like these (batch, heads, widths, dtypes, device)."""
+        keys, values = self.state.keys, self.state.values
+        return (keys.shape[:2] == key_states.shape[:2] and keys.shape[-1] == key_states.shape[-1]
+                and values.shape[-1] == value_states.shape[-1] and keys.dtype == key_states.dtype
+                and values.dtype == value_states.dtype and keys.device == key_states.device)
 
     def buffers(self) -> list[Tensor]:
         """Every tensor this layer owns (all of fixed size and address)."""
@@ -118,7 +135,9 @@ class BudgetedLayer(CacheLayerMixin):
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """The prompt is held (and attended as it is) until :meth:`prefill`; a decode token is written into its
         slot, and the layer's buffers are returned for :meth:`decode`."""
-        if not self.is_initialized:
+        if not is_torchdynamo_compiling() and not self.in_generation:
+            raise ValueError(OUTSIDE_GENERATE)
+        if not self.is_initialized or not self.prefilled and not self.holds(key_states, value_states):
             self.lazy_initialization(key_states, value_states)
         if not self.prefilled:
             self.pending = PendingPrompt(key_states, value_states)
@@ -248,7 +267,7 @@ class MomentKVCache(Cache):
     """A transformers ``Cache`` whose full-attention layers are budgeted; sliding-window, chunked,
     linear-attention and convolution layers keep transformers' own static layers (already bounded)."""
 
-    def __init__(self, model_config, config: MomentKVConfig, prompt_slots: int, dtype: torch.dtype | None = None,
+    def __init__(self, model_config, config: MomentKVConfig, prompt_slots: int, compute: tuple | None = None,
                  heads: HeadGroup = ONE_PROCESS):
         kinds, kinds_kwargs = layer_types(model_config)
         prompt_vote = PromptVote(config, heads)
@@ -264,9 +283,20 @@ class MomentKVCache(Cache):
         prompt_vote.layers = self.budgeted_layers
         self.config = config
         self.prompt_slots = prompt_slots
-        # The compute dtype of the call that made this cache (the model's, or autocast's): under autocast
+        # What decided the dtypes of the call that made this cache (the weights' and autocast's): under autocast
         # keys and values may come in different dtypes, so the buffers' dtypes alone cannot say what fits.
-        self.call_dtype = dtype
+        self.compute = compute
+
+    @contextmanager
+    def generating(self) -> Iterator[None]:
+        """The span of the one generate call this cache serves: only inside it may its layers take tokens."""
+        for layer in self.budgeted_layers:
+            layer.in_generation = True
+        try:
+            yield
+        finally:
+            for layer in self.budgeted_layers:
+                layer.in_generation = False
 
     @property
     def budgeted_layers(self) -> list[BudgetedLayer]:
@@ -276,7 +306,7 @@ class MomentKVCache(Cache):
         """Bytes held by the budgeted layers (fixed once allocated)."""
         return sum(layer.nbytes() for layer in self.budgeted_layers)
 
-    def fits(self, batch_size: int, prompt_slots: int, dtype: torch.dtype, device: torch.device) -> bool:
+    def fits(self, batch_size: int, prompt_slots: int, compute: tuple, device: torch.device) -> bool:
         """Whether a new generation of this shape fits these buffers (reusing them reuses a compiled step too)."""
         layer = self.budgeted_layers[0] if self.budgeted_layers else None
         if layer is None or not layer.is_initialized:
@@ -284,7 +314,7 @@ class MomentKVCache(Cache):
         return (
             layer.batch_size == batch_size
             and layer.prompt_slots >= prompt_slots
-            and self.call_dtype == dtype
+            and self.compute == compute
             and layer.device == device
             and layer.inference == torch.is_inference_mode_enabled()
         )

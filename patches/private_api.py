@@ -6,14 +6,35 @@ one fails there rather than silently in a generation.
 
 from __future__ import annotations
 
-from transformers import CompileConfig, PreTrainedModel
+from typing import Any
+
+from transformers import CompileConfig, GenerationConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 
-def attention_implementation(model: PreTrainedModel) -> str:
-    """The model's attention implementation name: ``set_attn_implementation`` is public, its getter is not."""
-    return model.config._attn_implementation
+def attention_parts(model: PreTrainedModel) -> dict:
+    """The attention implementation of the model and of each of its parts (text, vision, audio...), in the nested
+    form ``set_attn_implementation`` takes back: ``{"": "sdpa", "vision_config": {"": "eager"}}``. The setter is
+    public, the getter is not."""
+
+    def parts(config) -> dict:
+        found = {"": config._attn_implementation}
+        for key in getattr(config, "sub_configs", {}):
+            if getattr(config, key, None) is not None:
+                found[key] = parts(getattr(config, key))
+        return found
+
+    return parts(model.config)
+
+
+def effective_generation_config(model: PreTrainedModel, generation_config: GenerationConfig | None,
+                                options: dict[str, Any]) -> GenerationConfig:
+    """The generation settings ``model.generate(generation_config=..., **options)`` will run with: the keywords
+    over the given config over the checkpoint's over transformers' defaults, resolved by generate's own (private)
+    method, so that a check reads an option as generate will, in whichever form it was given."""
+    effective, _ = model._prepare_generation_config(generation_config, **options)
+    return effective
 
 
 def unregister(name: str) -> None:

@@ -270,10 +270,12 @@ def test_a_token_that_never_reaches_the_attention_is_refused_not_lost(tiny_model
     ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(0))
     with momentkv.patched(model, budget=4):
         first = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        layer = momentkv.state_of(model).cache.budgeted_layers[0]
+        cache = momentkv.state_of(model).cache
+        layer = cache.budgeted_layers[0]
         token = torch.zeros(1, layer.num_heads, 1, layer.keys.shape[-1])
-        layer.update(token, token)  # received, never attended
-        with pytest.raises(UnsupportedAttention, match="never reached momentkv's attention"):
-            layer.update(token, token)
+        with cache.generating():
+            layer.update(token, token)  # received, never attended
+            with pytest.raises(UnsupportedAttention, match="never reached momentkv's attention"):
+                layer.update(token, token)
         again = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(first, again)

@@ -8,15 +8,35 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from momentkv.patching import GENERATE_CACHE_ARG
-from momentkv.patches.private_api import attention_implementation, compile_on_any_device, unregister
+from momentkv.patches.private_api import attention_parts, compile_on_any_device, unregister
 
 
 def test_the_attention_implementation_reads_back_what_was_set(tiny_model):
     model = tiny_model("llama")
     model.set_attn_implementation("eager")
-    assert attention_implementation(model) == "eager"
-    model.set_attn_implementation("sdpa")
-    assert attention_implementation(model) == "sdpa"
+    assert attention_parts(model) == {"": "eager"}
+    model.set_attn_implementation({"": "sdpa"})
+    assert attention_parts(model) == {"": "sdpa"}
+
+
+def test_each_parts_attention_reads_back_and_sets_back_alone():
+    """A vision-language model's parts: what ``attention_parts`` reads, ``set_attn_implementation`` restores, and a
+    one-part dict sets that part alone."""
+    import transformers
+
+    text = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=90, boi_token_index=91,
+        eoi_token_index=92, attn_implementation={"text_config": "sdpa", "vision_config": "eager"}))
+    before = attention_parts(model)
+    assert before["text_config"][""] == "sdpa" and before["vision_config"][""] == "eager"
+    model.set_attn_implementation({"text_config": "eager"})
+    assert attention_parts(model)["vision_config"][""] == "eager" and attention_parts(model)["text_config"][""] == "eager"
+    model.set_attn_implementation(before)
+    assert attention_parts(model) == before
 
 
 def test_unregister_removes_both_registrations():
