@@ -158,7 +158,7 @@ def _nested(path: tuple[str, ...], value: Any) -> Any:
 def _part(parts: dict, path: tuple[str, ...]) -> str:
     for key in path:
         parts = parts[key]
-    return parts[""]
+    return parts if isinstance(parts, str) else parts[""]
 
 
 def _fit_defaults(config: MomentKVConfig, context: int | None) -> MomentKVConfig:

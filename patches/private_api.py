@@ -14,16 +14,19 @@ from transformers.modeling_utils import AttentionInterface
 
 
 def attention_parts(model: PreTrainedModel) -> dict:
-    """The attention implementation of the model and of each of its parts (text, vision, audio...), in the nested
-    form ``set_attn_implementation`` takes back: ``{"": "sdpa", "vision_config": {"": "eager"}}``. The setter is
-    public, the getter is not."""
+    """The attention implementation of the model and of each of its parts (text, vision, audio...), in the form
+    ``set_attn_implementation`` takes back: ``{"": "sdpa", "text_config": "sdpa", "vision_config": "eager"}``. A
+    part with parts of its own is a dict of the same form (transformers 5.17 takes strings only there). The setter
+    is public, the getter is not."""
 
     def parts(config) -> dict:
-        found = {"": config._attn_implementation}
-        for key in getattr(config, "sub_configs", {}):
-            if getattr(config, key, None) is not None:
-                found[key] = parts(getattr(config, key))
-        return found
+        return {"": config._attn_implementation, **{key: part(getattr(config, key)) for key in
+                                                      getattr(config, "sub_configs", {})
+                                                      if getattr(config, key, None) is not None}}
+
+    def part(config) -> str | dict:
+        found = parts(config)
+        return found if len(found) > 1 else found[""]
 
     return parts(model.config)
 

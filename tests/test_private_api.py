@@ -32,9 +32,9 @@ def test_each_parts_attention_reads_back_and_sets_back_alone():
         text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=90, boi_token_index=91,
         eoi_token_index=92, attn_implementation={"text_config": "sdpa", "vision_config": "eager"}))
     before = attention_parts(model)
-    assert before["text_config"][""] == "sdpa" and before["vision_config"][""] == "eager"
+    assert before == {"": "sdpa", "text_config": "sdpa", "vision_config": "eager"}
     model.set_attn_implementation({"text_config": "eager"})
-    assert attention_parts(model)["vision_config"][""] == "eager" and attention_parts(model)["text_config"][""] == "eager"
+    assert attention_parts(model) == {"": "sdpa", "text_config": "eager", "vision_config": "eager"}
     model.set_attn_implementation(before)
     assert attention_parts(model) == before
 
