@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import torch
 
+from momentkv.cli import HelpFormatter
+
 from .provenance import versions
 
 
@@ -418,7 +420,7 @@ def summary_lines(records: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu-check", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when available")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and lengths, 240 s in all")
     parser.add_argument("--tiny", action="store_true", help="toy shapes for a CPU smoke run of every stage")

@@ -10,6 +10,7 @@ would never evict anything.
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from dataclasses import fields
@@ -133,10 +134,15 @@ def _resolve_model_args(argv: list[str]) -> list[str]:
     return out
 
 
+# lm-eval's command name where its help shows it (not inside other words, nor in "lm-eval's").
+LM_EVAL_COMMAND = re.compile(r"(?<![\w-])lm-eval(?=[ \n]|$)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``momentkv-lm-eval``: lm-eval's own command line, with the ``momentkv`` model registered and
     momentkv's offline tasks on the include path."""
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval._cli.harness import HarnessCLI
+    from lm_eval.utils import setup_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in ([], ["-h"], ["--help"]):
@@ -147,4 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in ("run", "ls", "validate") and "--include_path" not in argv:
         argv += ["--include_path", str(TASKS)]
     sys.argv = ["momentkv-lm-eval", *_resolve_model_args(argv)]
-    cli_evaluate()
+    setup_logging()
+    cli = HarnessCLI()  # lm-eval's own command line (its cli_evaluate), under this command's name in its help
+    for parser in (cli._parser, *cli._subparsers.choices.values()):
+        for field in ("prog", "usage", "epilog"):
+            if getattr(parser, field):
+                setattr(parser, field, LM_EVAL_COMMAND.sub("momentkv-lm-eval", getattr(parser, field)))
+        for action in parser._actions:
+            action.help = action.help and LM_EVAL_COMMAND.sub("momentkv-lm-eval", action.help)
+    cli.execute(cli.parse_args())

@@ -37,13 +37,23 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (  # (name, module, help), in the o
 )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default, once: not where the help text already says it, nor where there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def _parser(chosen: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top parser and each command's subparser. Without ``chosen``, the subparsers take no options (not even
     ``--help``): enough to read the command name. With it, they take ``--help`` as usual."""
     parser = argparse.ArgumentParser(prog="momentkv", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     subparsers = {name: commands.add_parser(name, help=text, description=text, add_help=chosen is not None,
-                                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            formatter_class=HelpFormatter)
                   for name, _, text in COMMANDS}
     return parser, subparsers
 
