@@ -208,7 +208,7 @@ def _trial_generation(model: PreTrainedModel, state: PatchState) -> None:
 def _deepcopy_patched(model: PreTrainedModel, memo: dict) -> PreTrainedModel:
     """``copy.deepcopy`` of a patched model: an unpatched copy of its weights, patched anew with the same
     configuration, so it generates with its own weights and cache and unpatches on its own."""
-    state = state_of(model)
+    state = _patched_state(model)
     saved = {name: model.__dict__.pop(name) for name in _INSTANCE_ATTRS if name in model.__dict__}
     try:
         clone = copy.deepcopy(model, memo)
@@ -227,7 +227,7 @@ def _refuse_pickling(protocol: int) -> None:
 def unpatch(model: PreTrainedModel) -> PreTrainedModel:
     """Undo :func:`patch`: the model's attention and ``generate`` are as before; returns the model. A generation
     in progress in another thread finishes first."""
-    state = state_of(model)
+    state = _patched_state(model)
     if state.owner == threading.get_ident():
         raise RuntimeError("momentkv.unpatch was called from inside a generate of the same model (a streamer or "
                            "stopping criterion?); unpatch after generate returns")
@@ -254,11 +254,16 @@ def patched(model: PreTrainedModel, budget: int | None = None, **options: Any) -
         unpatch(model)
 
 
-def state_of(model: PreTrainedModel) -> PatchState:
-    """The patch state of a patched model (its config and its current cache)."""
+def state_of(model: PreTrainedModel) -> PatchState | None:
+    """The patch state of a patched model (its config and its current cache); None for a model momentkv has not
+    patched, so ``state_of(model) is not None`` asks whether it is."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    state = getattr(model, _ATTR, None)
+    return getattr(model, _ATTR, None)
+
+
+def _patched_state(model: PreTrainedModel) -> PatchState:
+    state = state_of(model)
     if state is None:
         raise ValueError("model is not patched by momentkv (momentkv.patch was not called on it)")
     return state

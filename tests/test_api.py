@@ -88,6 +88,7 @@ def test_patch_errors_are_clear(tiny_model):
         momentkv.patch(torch.nn.Linear(2, 2), budget=8)
     with pytest.raises(ValueError, match="not patched"):
         momentkv.unpatch(model)
+    assert momentkv.state_of(model) is None, "state_of answers 'is it patched?' without an exception"
     with momentkv.patched(model, budget=8):
         with pytest.raises(ValueError, match="already patched"):
             momentkv.patch(model, budget=8)
