@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from momentkv.config import MomentKVConfig
+
+from .methods import method
 from .suite import Results
 
 METRICS = {  # workload -> (metric, better, label)
@@ -146,10 +150,21 @@ def plot(results: Results, workload: str, metric: str, label: str, path: Path) -
     plt.close(fig)
 
 
-# The README's picture: momentkv's two modes against the best peers at equal memory, and the full cache.
-HEADLINE = {"momentkv-open": "momentkv, prompt tokens compete", "momentkv": "momentkv, prompt kept (default)",
-            "streamingllm+moments": "StreamingLLM + moment correction", "window+moments": "window + moment correction",
-            "kvpress-tova": "kvpress TOVAPress (every step)"}
+# The README's picture: momentkv's two modes against the best peers at equal memory, and the full cache. momentkv's
+# labels are read off each method's configuration, so "(default)" follows the library's defaults.
+MOMENTKV_MODES = ("momentkv-open", "momentkv")
+PEERS = {"streamingllm+moments": "StreamingLLM + moment correction", "window+moments": "window + moment correction",
+         "kvpress-tova": "kvpress TOVAPress (every step)"}
+
+
+def momentkv_label(name: str, budget: int) -> str:
+    """"momentkv, prompt kept" or "..., prompt tokens compete", and "(default)" where the method's configuration is
+    the library's default (``prefill_carry`` aside: it acts only when a prefill budget compresses the prompt)."""
+    config = method(name).config(budget)
+    default = MomentKVConfig(budget=budget)
+    mode = "prompt kept" if config.protect_prompt else "prompt tokens compete"
+    is_default = dataclasses.replace(config, prefill_carry=default.prefill_carry) == default
+    return f"momentkv, {mode}{' (default)' if is_default else ''}"
 
 
 def headline(results: Results, path: Path) -> bool:
@@ -167,7 +182,9 @@ def headline(results: Results, path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (metric, label) in zip(axes, (("top1", "top-1 agreement with the full cache, %"),
                                           ("kl", "KL(full || compressed), log scale"))):
-        for i, (name, legend) in enumerate(HEADLINE.items()):
+        budget = next(int(c) for c in columns if c.isdigit())
+        legends = {**{name: momentkv_label(name, budget) for name in MOMENTKV_MODES}, **PEERS}
+        for i, (name, legend) in enumerate(legends.items()):
             points = sorted((cells[(name, c)]["cache_tokens"], cells[(name, c)][metric]) for c in columns
                             if metric in cells.get((name, c), {}))
             if points:

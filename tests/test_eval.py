@@ -201,3 +201,11 @@ def test_sampled_references_are_seeded_per_prompt_and_sampled():
     assert torch.isinf(logprobs[..., eos]).all() and torch.isfinite(logprobs.float().logsumexp(-1)).all()
     # the first step's distribution is the greedy run's (same prompt, nothing sampled yet)
     torch.testing.assert_close(logprobs[:, 0].float().exp(), greedy_logprobs[:, 0].float().exp(), atol=2e-3, rtol=0)
+
+
+def test_the_headline_labels_the_default_from_the_configuration():
+    """The README's figure says which mode is the default by reading each method's configuration, not by hand."""
+    from momentkv.evals.report import momentkv_label
+
+    assert momentkv_label("momentkv-open", 64) == "momentkv, prompt tokens compete (default)"
+    assert momentkv_label("momentkv", 64) == "momentkv, prompt kept"
