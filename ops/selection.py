@@ -56,7 +56,8 @@ def eviction_rank(*, importance: Tensor, normalizer: Tensor, positions: Tensor, 
     evictable = valid & evictable
     heads = evictable.shape[1]
     if layer_scope:
-        combine = combine or (lambda tensor, how: tensor)
+        if combine is None:  # not ``combine or ...``: torch 2.11's dynamo cannot take a bound method's truth
+            combine = lambda tensor, how: tensor  # noqa: E731
         evictable = combine(evictable.all(1, keepdim=True).to(torch.int32), "min").bool()
     window = recent_window
     if cap_window:

@@ -43,7 +43,7 @@ _KNOWN = frozenset(NAMES)
 def named(state: LayerState, settings: StepSettings, **per_call: Any) -> dict[str, Any]:
     """Every parameter by name: the state's tensors, the settings, and ``per_call`` (which may also replace a
     state tensor or a setting, e.g. a scratch ``importance``)."""
-    unknown = per_call.keys() - _KNOWN
+    unknown = [name for name in per_call if name not in _KNOWN]  # not ``keys() - set``: torch 2.11's dynamo fails on it
     if unknown:
         raise TypeError(f"not a decode-op parameter: {', '.join(sorted(unknown))}")
     values = {name: default for name, (_, default) in PER_CALL.items()}

@@ -174,3 +174,12 @@ def test_triton_step_matches_the_reference():
                                    atol=2e-5)
     torch.testing.assert_close(st.valid, expected.valid)
     torch.testing.assert_close(st.comoment, expected.comoment, rtol=1e-4, atol=1e-4)
+
+
+def test_the_arguments_trace_in_one_graph():
+    """Naming the op's arguments traces under ``fullgraph=True`` on every supported torch (2.11's dynamo could not
+    subtract a frozenset from a dict's keys: every compiled decode step failed there)."""
+    st, settings = prompt_state(), settings_of(SETTINGS[0])
+    traced = torch.compile(lambda key: named(st, settings, key=key)["key"] + 1, fullgraph=True, backend="eager")
+    key = torch.randn(2, 2, 1, 8)
+    assert torch.equal(traced(key), key + 1)
