@@ -144,6 +144,26 @@ def test_a_vision_language_model_generates_exactly_from_an_image_prompt(tmp_path
         assert torch.equal(greedy(model, ids, torch.ones_like(ids), pixel_values=pixels), expected)
 
 
+def test_the_ocr_model_generates_exactly_from_an_image_prompt(tmp_path):
+    """GOT-OCR2, the other vision-language class docs/models.md calls exact: its image tokens in the prompt."""
+    from momentkv.evals.architectures import tiny_config
+
+    config = tiny_config("got_ocr2", transformers.GotOcr2ForConditionalGeneration)
+    config.text_config.max_position_embeddings = 512  # the image alone is 256 tokens
+    torch.manual_seed(0)
+    transformers.GotOcr2ForConditionalGeneration(config).save_pretrained(tmp_path, safe_serialization=True)
+    model = transformers.GotOcr2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    size = config.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        image_tokens = model.model.get_image_features(pixel_values=pixels).pooler_output.shape[1]
+    ids = torch.tensor([[1, 5, *[config.image_token_id] * image_tokens, 7, 8, 9, 10, 11]])
+    expected = greedy(model, ids, torch.ones_like(ids), pixel_values=pixels)
+    with momentkv.patched(model, budget=16):
+        assert torch.equal(greedy(model, ids, torch.ones_like(ids), pixel_values=pixels), expected)
+        assert momentkv.state_of(model).cache.budgeted_layers[0].state.n.sum() == 0, "nothing evicted: exact"
+
+
 def test_unpatching_restores_each_parts_attention(tmp_path):
     model = _tiny_gemma3_vision(tmp_path, vision_attention="eager")
     before = (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation)
