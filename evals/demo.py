@@ -1,17 +1,17 @@
-"""``momentkv demo``: the full cache and momentkv side by side on one prompt, SmolLM2-135M-Instruct, offline.
+"""``momentkv demo``: what momentkv is for, on SmolLM2-135M-Instruct, offline, in a few minutes on a laptop CPU.
 
-Both answers are sampled (temperature 0.7, top-p 0.95) from the same seed, as users generate: a small
-model's greedy text falls into loops that say nothing about the cache. Then momentkv is driven along the
-full cache's answer, token by token, to count how often it predicts what the full cache predicts.
+A document of about 4,000 tokens hides a number, and a question asks for it. The full cache and momentkv (the
+prompt compressed 4x at prefill, 64 decode slots) answer greedily, as one asks a small model for a fact (a
+repetition penalty would count against the digits the answer must copy from the prompt); then each writes on to
+``new_tokens``, while the demo follows the memory of each cache and the speed of each step. The passes run full cache, momentkv, momentkv, full cache, and each speed is
+the mean of its two passes: load on the machine that changes during the run weighs on both sides alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import shutil
-import textwrap
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -22,147 +22,166 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 import momentkv
 
-from .fidelity import stream
 from .models import chat_prompt, load_smollm2
 from .provenance import versions
+from .workloads import retrieval_samples, retrieval_score
 
-PROMPT = ("Write a long, detailed essay on the history of the printing press: its inventors, how it spread "
-          "across Europe, and how it changed science, religion and politics.")
-SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.95)
-PASSES = 3  # full cache, momentkv, momentkv along the full cache's answer
+GENERATION = dict(do_sample=False)
+ORDER = ("full cache", "momentkv", "momentkv", "full cache")  # interleaved: drifting load weighs on both alike
+ANSWER_TOKENS = 16  # the answer is read from the first tokens; the rest of each pass measures memory and speed
+COLUMNS = 4  # the table's columns: the generation cut in this many equal windows
+TASK = "niah_single"  # one number hidden in the document (evals/workloads.py)
+WARM_TOKENS = 8
 
 
-class Progress(LogitsProcessor):
-    """A progress bar that advances once per generated token (returns the scores unchanged)."""
+class Clock(LogitsProcessor):
+    """The time each token's logits are ready, with a progress bar (returns the scores unchanged)."""
 
     def __init__(self, total: int, label: str):
-        self.bar = tqdm(total=total, desc=f"{label:<28}", unit="tok", leave=True)
+        self.times: list[float] = []
+        self.bar = tqdm(total=total, desc=f"{label:<24}", unit="tok", leave=True)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
         self.bar.update(1)
         return scores
 
 
-class Argmax(LogitsProcessor):
-    """Records each step's most likely token (which temperature and top-p do not change)."""
-
-    def __init__(self):
-        self.tokens: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.tokens.append(scores[0].argmax())
-        return scores
-
-
 @dataclass
-class Answer:
+class Pass:
     tokens: torch.Tensor  # the generated tokens [T]
-    argmax: torch.Tensor  # the model's most likely token at each step [T]
-    seconds: float
+    prefill_seconds: float  # from the call to the first token's logits
+    step_ends: list[float]  # seconds from the call to each token's logits
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens.shape[-1] / self.seconds
+    def step_seconds(self) -> float:
+        """The median decode step (robust to a one-off slow step)."""
+        return statistics.median(b - a for a, b in zip(self.step_ends, self.step_ends[1:]))
+
+    def tokens_per_second(self, start: int, end: int) -> float:
+        """Decode speed over tokens ``start`` to ``end`` (each a step after the first token's)."""
+        return (end - start) / (self.step_ends[end - 1] - self.step_ends[start - 1])
 
 
-def sample(model: PreTrainedModel, inputs: dict, new_tokens: int, seed: int, label: str) -> Answer:
-    """One sampled answer (``seed`` fixes it), timed, with a progress bar."""
-    progress, argmax = Progress(new_tokens, label), Argmax()
-    torch.manual_seed(seed)
+def generate(model: PreTrainedModel, inputs: dict, new_tokens: int, label: str) -> Pass:
+    """Exactly ``new_tokens`` tokens (the end-of-text token is held off: the pass measures a fixed length)."""
+    clock = Clock(new_tokens, label)
     start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=new_tokens, **SAMPLING,
-                         logits_processor=LogitsProcessorList([progress, argmax]))
-    seconds = time.perf_counter() - start
-    progress.bar.close()
-    return Answer(out[0, inputs["input_ids"].shape[1]:], torch.stack(argmax.tokens), seconds)
+    out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **GENERATION,
+                         logits_processor=LogitsProcessorList([clock]))
+    clock.bar.close()
+    ends = [t - start for t in clock.times]
+    return Pass(out[0, inputs["input_ids"].shape[1]:], ends[0], ends)
 
 
-def side_by_side(left: str, right: str, titles: tuple[str, str], width: int | None = None) -> str:
-    """Two texts in two wrapped columns."""
-    width = width or min(shutil.get_terminal_size((120, 24)).columns, 160)
-    column = max(20, (width - 3) // 2)
-    wrap = lambda text: [line for para in text.splitlines() for line in (textwrap.wrap(para, column) or [""])]  # noqa: E731
-    rows = [titles, ("-" * column, "-" * column),
-            *itertools.zip_longest(wrap(left), wrap(right), fillvalue="")]
-    return "\n".join(f"{a:<{column}} | {b}" for a, b in rows)
-
-
-def run_demo(budget: int = 64, new_tokens: int = 512, prompt: str = PROMPT, compile: bool = False, seed: int = 0,
+def run_demo(budget: int = 64, context: int = 4096, compression: int = 4, new_tokens: int = 192,
+             compile: bool = False, seed: int = 0,
              load: Callable[[], tuple[PreTrainedModel, Any]] = load_smollm2) -> dict[str, Any]:
-    """Generate with the full cache and with momentkv, print both answers side by side and a summary;
-    returns the summary."""
-    print(f"momentkv demo: SmolLM2-135M-Instruct, offline. {PASSES} passes of up to {new_tokens} tokens (full cache, "
-          f"momentkv with budget {budget}, momentkv along the full cache's answer); about 2 minutes on a 2-core "
-          "CPU at the defaults, an estimate follows the warm-up.", flush=True)
+    """Answer one long-document question with the full cache and with momentkv, then write on; print the answers
+    and a table of memory and speed; returns the summary."""
+    print(f"momentkv demo: SmolLM2-135M-Instruct, offline, {torch.get_num_threads()} threads. A document of about "
+          f"{context} tokens and a question; the full cache against momentkv (prompt compressed {compression}x, "
+          f"{budget} decode slots), {len(ORDER)} passes of {new_tokens} tokens; an estimate of the time follows the "
+          "warm-up.", flush=True)
     model, tokenizer = load()
-    inputs = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt").to(model.device)
+    sample = retrieval_samples(tokenizer, TASK, context, 1, seed)[0]
+    inputs = tokenizer(chat_prompt(tokenizer, sample.message) + sample.answer_prefix, return_tensors="pt",
+                       add_special_tokens=False).to(model.device)
     prompt_len = inputs["input_ids"].shape[1]
-    warm = sample(model, inputs, 8, seed, "warm-up")  # one-off costs (allocation, kernels) stay out of tok/s
-    print(f"estimated time: about {PASSES * new_tokens / warm.tokens_per_second / 60:.1f} min", flush=True)
-    full = sample(model, inputs, new_tokens, seed, "full cache")
-    with momentkv.patched(model, budget=budget, compile=compile):
-        sample(model, inputs, 8, seed, "warm-up")
-        budgeted = sample(model, inputs, new_tokens, seed, f"momentkv (budget {budget})")
-        cache = momentkv.state_of(model).cache
-        layer = cache.budgeted_layers[0]
-        forced = stream(model, inputs["input_ids"], inputs["attention_mask"], full.tokens[None], mask_eos=False,
-                        observers=[Progress(len(full.tokens), "momentkv along full answer")])
-    agreement = (forced.predicted[0] == full.argmax).float().mean().item()
-    length = min(len(full.tokens), len(budgeted.tokens))
-    same = int((full.tokens[:length] == budgeted.tokens[:length]).cumprod(0).sum())
-    per_token = 2 * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size() * len(cache.layers)
-    kv_full = (prompt_len + len(full.tokens)) * per_token
+    settings = dict(budget=budget, prefill_budget=max(1, prompt_len // compression), compile=compile)
+
+    def run(label: str, tokens: int) -> tuple[Pass, int]:
+        """One pass; with momentkv, also the bytes its cache holds (fixed)."""
+        if label == "full cache":
+            return generate(model, inputs, tokens, label), 0
+        with momentkv.patched(model, **settings):
+            done = generate(model, inputs, tokens, label)
+            return done, momentkv.state_of(model).cache.nbytes()
+
+    warm = {label: run(label, WARM_TOKENS)[0] for label in ORDER[:2]}  # one-off costs (allocation, kernels) stay out
+    started = time.perf_counter()
+    estimate = sum(warm[label].prefill_seconds + (new_tokens - 1) * warm[label].step_seconds() for label in ORDER)
+    print(f"estimated time: about {estimate / 60:.1f} min", flush=True)
+    passes: dict[str, list[Pass]] = {label: [] for label in ORDER[:2]}
+    budgeted_bytes = 0
+    for label in ORDER:
+        done, nbytes = run(label, new_tokens)
+        passes[label].append(done)
+        budgeted_bytes = max(budgeted_bytes, nbytes)
+
+    full, budgeted = passes["full cache"][0], passes["momentkv"][0]
+    answers = {label: tokenizer.decode(runs[0].tokens[:ANSWER_TOKENS], skip_special_tokens=True).split("\n")[0].strip()
+               for label, runs in passes.items()}
+    correct = {label: retrieval_score(answer, sample.answers) == 1.0 for label, answer in answers.items()}
+    same = int((full.tokens == budgeted.tokens).cumprod(0).sum())
+    config = model.config.get_text_config(decoder=True)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+    ends = sorted({max(2, round(new_tokens * k / COLUMNS)) for k in range(1, COLUMNS + 1)})
+    starts = [1, *ends[:-1]]
+    rows = [{"generated": end,
+             "full_cache_kv_mib": (prompt_len + end) * per_token / 2**20,
+             "momentkv_cache_mib": budgeted_bytes / 2**20,
+             **{f"{key}_tokens_per_second": sum(p.tokens_per_second(start, end) for p in passes[label]) / 2
+                for key, label in (("full_cache", "full cache"), ("momentkv", "momentkv"))}}
+            for start, end in zip(starts, ends)]
+
     print()
-    print(side_by_side(tokenizer.decode(full.tokens, skip_special_tokens=True),
-                       tokenizer.decode(budgeted.tokens, skip_special_tokens=True),
-                       ("full cache", f"momentkv, budget {budget}")))
+    print(f"question: {sample.message.splitlines()[-1]}")
+    for label in passes:
+        print(f"  {label + ':':<12} ...{answers[label]}  [{'right' if correct[label] else 'wrong'}: {sample.answers[0]}]")
+    print(f"the two {new_tokens}-token continuations are identical for the first {same} tokens; each repeated pass "
+          f"gave the same tokens: {all(torch.equal(runs[0].tokens, runs[1].tokens) for runs in passes.values())}")
     print()
-    print(f"prompt {prompt_len} tokens; sampled (temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']}, "
-          f"seed {seed}): full cache {len(full.tokens)} tokens, momentkv {len(budgeted.tokens)}; "
-          f"identical for the first {same}")
-    print(f"memory: momentkv {cache.nbytes() / 2**20:.2f} MiB fixed ({layer.num_slots} slots per layer and KV head: "
-          f"prompt {layer.prompt_slots} + budget {budget} + 1); the full cache ends at {kv_full / 2**20:.2f} MiB "
-          "of keys and values and keeps growing")
-    print(f"speed: full cache {full.tokens_per_second:.1f} tok/s, momentkv {budgeted.tokens_per_second:.1f} tok/s")
-    print(f"agreement: along the full cache's answer, momentkv's most likely next token is the full cache's at "
-          f"{100 * agreement:.1f}% of {len(full.tokens)} steps")
+    print(f"| generated tokens | {' | '.join(str(row['generated']) for row in rows)} |")
+    print(f"|---|{'---|' * len(rows)}")
+    for name, key, fmt in (("full cache: KV MiB (grows)", "full_cache_kv_mib", ".1f"),
+                           ("momentkv: cache MiB (fixed)", "momentkv_cache_mib", ".1f"),
+                           ("full cache: tokens/s", "full_cache_tokens_per_second", ".1f"),
+                           ("momentkv: tokens/s", "momentkv_tokens_per_second", ".1f")):
+        print(f"| {name} | {' | '.join(format(row[key], fmt) for row in rows)} |")
+    print(f"\nprompt {prompt_len} tokens, momentkv keeps {settings['prefill_budget']} of them (prefill_budget) and "
+          f"{budget} decode slots. Tokens/s: each column's window of steps, the mean of the two passes of each, run "
+          f"{', '.join(ORDER)}. Prefill: full cache {full.prefill_seconds:.1f} s, momentkv "
+          f"{budgeted.prefill_seconds:.1f} s. The passes took {(time.perf_counter() - started) / 60:.1f} min (estimated "
+          f"{estimate / 60:.1f}).")
     return {
         "versions": versions(),
         "device": f"cpu, {torch.get_num_threads()} threads" if model.device.type == "cpu" else str(model.device),
-        "budget": budget,
-        "compile": compile,
-        "sampling": dict(SAMPLING, seed=seed),
+        "settings": dict(settings, context=context, compression=compression, new_tokens=new_tokens, seed=seed,
+                         generation=GENERATION, order=ORDER, task=TASK),
         "prompt_tokens": prompt_len,
-        "full_tokens": len(full.tokens),
-        "momentkv_tokens": len(budgeted.tokens),
+        "question": sample.message.splitlines()[-1],
+        "expected": sample.answers[0],
+        "answers": answers,
+        "correct": correct,
         "identical_prefix_tokens": same,
-        "slots_per_layer_and_head": layer.num_slots,
-        "budgeted_cache_bytes": cache.nbytes(),
-        "full_cache_kv_bytes_at_end": kv_full,
-        "full_tokens_per_second": full.tokens_per_second,
-        "momentkv_tokens_per_second": budgeted.tokens_per_second,
-        "teacher_forced_top1_agreement": agreement,
-        "full_text": tokenizer.decode(full.tokens, skip_special_tokens=True),
-        "momentkv_text": tokenizer.decode(budgeted.tokens, skip_special_tokens=True),
+        "budgeted_cache_bytes": budgeted_bytes,
+        "full_cache_kv_bytes_at_end": (prompt_len + new_tokens) * per_token,
+        "prefill_seconds": {label: [p.prefill_seconds for p in runs] for label, runs in passes.items()},
+        "rows": rows,
+        "texts": {label: tokenizer.decode(runs[0].tokens, skip_special_tokens=True) for label, runs in passes.items()},
     }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``momentkv demo``'s options."""
     parser.add_argument("--budget", type=int, default=64, help="decode slots per layer and KV head")
-    parser.add_argument("--new-tokens", type=int, default=512, help="tokens to generate in each pass")
-    parser.add_argument("--prompt", default=None, help="the user message (default: a long-essay request)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both answers")
+    parser.add_argument("--context", type=int, default=4096, help="document tokens, at least 256")
+    parser.add_argument("--compression", type=int, default=4, help="prompt compression at prefill: keep 1/this")
+    parser.add_argument("--new-tokens", type=int, default=192, help="tokens each pass generates, at least 4")
+    parser.add_argument("--seed", type=int, default=0, help="which document and question")
     parser.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
-    parser.add_argument("--json", default=None, help="also write the summary and both answers to this file")
+    parser.add_argument("--json", default=None, help="also write the summary and the texts to this file")
 
 
 def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``momentkv demo``: returns the exit code."""
-    if args.new_tokens < 1:
-        parser.error("--new-tokens must be >= 1")
-    summary = run_demo(budget=args.budget, new_tokens=args.new_tokens, prompt=args.prompt or PROMPT,
-                       compile=args.compile, seed=args.seed)
+    for name, low in (("new_tokens", 4), ("context", 256), ("compression", 1), ("budget", 1)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    summary = run_demo(budget=args.budget, context=args.context, compression=args.compression,
+                       new_tokens=args.new_tokens, compile=args.compile, seed=args.seed)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
