@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import traceback
 from dataclasses import asdict, dataclass
@@ -246,11 +247,25 @@ def sweep(model_types: list[str] | None = None, progress: bool = True) -> list[O
     return outcomes
 
 
+def refusal_reason(outcome: Outcome) -> str:
+    """A refusal's reason without what names the model (its type, a layer, details in parentheses), so that the
+    models refused for one reason share one row."""
+    text = re.sub(r"^momentkv cannot patch model type '[^']*': ", "", outcome.reason)
+    text = re.sub(r"model type '[^']*'", "the model", text)
+    text = re.sub(r"layer \d+", "a layer", text)
+    return re.sub(r" \([^()]*\)", "", text)
+
+
 def write_markdown(outcomes: list[Outcome], path: Path) -> None:
-    """``docs/models.md``: the counts, then one row per architecture."""
+    """``docs/models.md``: the counts, the refusals grouped by reason, then one row per architecture."""
     counts: dict[str, int] = {}
     for each in outcomes:
         counts[each.outcome] = counts.get(each.outcome, 0) + 1
+    reasons: dict[str, list[str]] = {}
+    for each in outcomes:
+        if each.outcome == "refused":
+            reasons.setdefault(refusal_reason(each), []).append(each.model_type)
+    grouped = sorted(reasons.items(), key=lambda item: (-len(item[1]), item[0]))
     lines = [
         "# Supported models",
         "",
@@ -266,6 +281,12 @@ def write_markdown(outcomes: list[Outcome], path: Path) -> None:
         "| outcome | architectures |",
         "|---|---|",
         *(f"| {kind} | {count} |" for kind, count in sorted(counts.items())),
+        "",
+        "Refusals by reason:",
+        "",
+        "| reason | architectures |",
+        "|---|---|",
+        *(f"| {reason.replace('|', '/')} | {len(types)}: {', '.join(types)} |" for reason, types in grouped),
         "",
         "| architecture | class | outcome | reason |",
         "|---|---|---|---|",

@@ -66,6 +66,17 @@ def _check_decode_call(layer: BudgetedLayer, module, key: Tensor, value: Tensor,
                                        f"{name}={kwargs[name]!r}")
 
 
+def _check_prompt_mask(module, attention_mask: Tensor | None) -> None:
+    """Refuse a mask that carries a bias (ALiBi, a relative position bias): the model's own attention adds it to the
+    scores, the budgeted decode step reads only which slots are valid. Checked once per layer and generation."""
+    if attention_mask is None or not attention_mask.is_floating_point():
+        return
+    masked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+    if bool(((attention_mask != 0) & ~masked).any()):
+        raise UnsupportedAttention(f"momentkv cannot budget {_where(module)}: its attention mask carries a bias "
+                                   "(ALiBi or a relative position bias), which the budgeted decode step does not apply")
+
+
 def _where(module) -> str:
     kind = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
     return f"layer {module.layer_idx} of model type {kind!r}"
@@ -86,6 +97,7 @@ def make_attention(active_cache: Callable[[], MomentKVCache | None], fallback: C
                 raise ValueError(f"momentkv cannot generate with attention dropout ({dropout}, {_where(module)} is in "
                                  "training mode): the budgeted decode step has none, so the prompt and the decode "
                                  "steps would differ; call model.eval() before generate")
+            _check_prompt_mask(module, attention_mask)
             result = fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
             layer.prefill(query, key_validity(attention_mask, key), scale)
             return result

@@ -7,8 +7,12 @@ architecture sweep (``momentkv models``, docs/models.md) checks the rules agains
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from transformers import PreTrainedModel
 from transformers.cache_utils import get_layer_types_and_kwargs
+
 
 class UnsupportedAttention(ValueError):
     """A model's attention does something the budgeted decode step would get wrong."""
@@ -28,6 +32,17 @@ def layer_types(model_config) -> tuple[list[str], list[dict]]:
     return kinds, kwargs
 
 
+@functools.cache
+def _calls_attention_interface(module_class: type) -> bool:
+    """Whether the class's ``forward`` dispatches attention through ``ALL_ATTENTION_FUNCTIONS`` (what a patch
+    replaces), read from its source: transformers' class flag ``_supports_attention_backend`` is unset on many
+    models that do (Qwen3.5, Qwen3-Next, the mamba hybrids), and is not what the setter checks either."""
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(module_class.forward)
+    except (AttributeError, OSError, TypeError):  # no forward, or no source (a class built at run time)
+        return False
+
+
 def model_type(model: PreTrainedModel) -> str:
     return getattr(model.config, "model_type", None) or type(model).__name__
 
@@ -36,10 +51,10 @@ def refusal(model: PreTrainedModel) -> str | None:
     """Why momentkv cannot budget ``model`` exactly (a sentence naming its model type), or None."""
     kind = model_type(model)
     text = model.config.get_text_config(decoder=True)
-    if not getattr(model, "_supports_attention_backend", False):
+    if not any(_calls_attention_interface(type(module)) for module in model.modules()):
         return (f"momentkv cannot patch model type {kind!r}: its attention does not go through transformers' "
-                "attention interface (supported: Llama, Mistral, Qwen2, Qwen3, Phi3, Gemma, Gemma3 and other models "
-                "whose modeling code dispatches through ALL_ATTENTION_FUNCTIONS; docs/models.md lists them all)")
+                "attention interface (no module's forward calls ALL_ATTENTION_FUNCTIONS; supported: Llama, Mistral, "
+                "Qwen2/3/3.5, Phi3, Gemma, Gemma3 and every model whose modeling code does; docs/models.md lists them)")
     if getattr(text, "attn_logit_softcapping", None) is not None:
         return f"momentkv does not support attention logit soft-capping (model type {kind!r})"
     if getattr(model.config, "is_encoder_decoder", False) or getattr(text, "add_cross_attention", False):
@@ -47,6 +62,10 @@ def refusal(model: PreTrainedModel) -> str | None:
                 "is not a decode-time cache to budget")
     bidirectional = [name for name, module in model.named_modules()
                      if hasattr(module, "layer_idx") and getattr(module, "is_causal", True) is False]
+    cross = [name for name in bidirectional if "encoder_attn" in name or "cross" in name]
+    if cross:
+        return (f"momentkv cannot patch model type {kind!r}: it has cross-attention layers ({cross[0]}) over an "
+                "encoder's states, whose cache is not a decode-time cache to budget")
     if bidirectional:
         return (f"momentkv cannot patch model type {kind!r}: its attention is bidirectional (is_causal=False in "
                 f"{bidirectional[0]}); build it as a decoder (is_decoder=True) to generate")

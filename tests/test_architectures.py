@@ -27,6 +27,11 @@ def test_every_architecture_is_exact_or_refused(model_type, tmp_path):
     ("llama4_text", "chunked-attention layers, kept bounded like sliding ones"),
     ("qwen3_moe", "a mixture-of-experts block"),
     ("gemma3_text", "sliding-window layers between the budgeted ones"),
+    # dispatching through the attention interface without transformers' class flag _supports_attention_backend:
+    ("qwen3_5", "gated delta-net linear-attention layers between the budgeted ones"),
+    ("qwen3_next", "linear-attention layers and a mixture of experts"),
+    ("jamba", "mamba layers, whose state transformers' cache bounds"),
+    ("falcon", "its own decoder, rotary, without ALiBi"),
 ])
 def test_attention_variant_is_exact(model_type, variant, tmp_path):
     outcome = check(model_type, ARCHITECTURES[model_type], tmp_path)
@@ -39,9 +44,23 @@ def test_attention_variant_is_exact(model_type, variant, tmp_path):
     ("jetmoe", "reads keys or values other than the cache's own"),  # keys repeated per expert after the cache
     ("diffllama", "reads keys or values other than the cache's own"),  # two attention calls on split values
     ("gemma2", "soft-capping"),
-    ("falcon", "does not go through transformers' attention interface"),
+    ("mpt", "does not go through transformers' attention interface"),
+    ("bart", "cross-attention layers"),  # BartForCausalLM: a decoder with the encoder's cross-attention
 ])
 def test_unsupported_attention_is_refused_at_patch_time(model_type, reason, tmp_path):
     outcome = check(model_type, ARCHITECTURES[model_type], tmp_path)
     assert outcome.outcome == "refused" and reason in outcome.reason, outcome
     assert repr(model_type) in outcome.reason
+
+
+def test_refusals_group_by_reason_whatever_the_model(tmp_path):
+    from momentkv.evals.architectures import Outcome, write_markdown
+
+    reason = ("momentkv cannot patch model type {!r}: a two-token trial generation with the budgeted cache failed: "
+              "UnsupportedAttention: momentkv cannot budget layer {} of model type {!r}: its attention reads keys")
+    outcomes = [Outcome("aa", "AaForCausalLM", "refused", reason.format("aa", 0, "aa")),
+                Outcome("bb", "BbForCausalLM", "refused", reason.format("bb", 3, "bb")),
+                Outcome("cc", "CcForCausalLM", "exact", "")]
+    write_markdown(outcomes, tmp_path / "models.md")
+    rows = [line for line in (tmp_path / "models.md").read_text().splitlines() if "| 2: aa, bb |" in line]
+    assert len(rows) == 1 and "'aa'" not in rows[0] and "layer 3" not in rows[0], rows
