@@ -29,7 +29,7 @@ from momentkv.presets import PRESETS
 
 from .fidelity import TeacherForcing
 from .models import default_device, smollm2_checkpoint
-from .ruler import TASKS as RULER_TASKS
+from .ruler import TASKS as RULER_TASKS, import_quietly
 
 TASKS = Path(__file__).with_name("tasks")
 OPTIONS = {f.name for f in fields(MomentKVConfig)}
@@ -91,9 +91,10 @@ class MomentKVLM(HFLM):
                 for row, c in enumerate(continuations)]
 
 
-EXAMPLE = ("momentkv-lm-eval --model momentkv --model_args pretrained=smollm2,budget=128,prefill_budget=512 "
+# At 4,096 tokens, lm-eval's own RULER length: at any other it also prints a -1 row for 4,096 and a warning.
+EXAMPLE = ("momentkv-lm-eval --model momentkv --model_args pretrained=smollm2,budget=128,prefill_budget=1024 "
            "--tasks niah_single_1 --limit 4 --batch_size 4 --apply_chat_template "
-           "--metadata '{\"max_seq_lengths\": [2048]}'")
+           "--metadata '{\"max_seq_lengths\": [4096]}'")
 
 
 def usage() -> str:
@@ -108,7 +109,8 @@ def usage() -> str:
         "bundled tasks": f"{tasks} (tag momentkv), generated offline and sized by --metadata "
                          '\'{"context_tokens": 4096, "samples": 20, "document_tokens": 4096}\' (the defaults).',
         "RULER": f"lm-eval's ruler tasks generated offline (wonderwords, nltk): {', '.join(RULER_TASKS)}, sized by "
-                 "--metadata '{\"max_seq_lengths\": [4096]}'; python -m momentkv.evals.ruler runs them for "
+                 "--metadata '{\"max_seq_lengths\": [4096]}' (lm-eval scores its own lengths: at another, its table "
+                 "also shows 4096 as -1 and warns of no aggregation); python -m momentkv.evals.ruler runs them for "
                  "several methods into one table.",
         "everything else": "lm-eval's own command line: momentkv-lm-eval run --help",
     }
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         argv = ["run", *argv]  # lm-eval's subcommands; without one it runs "run"
     if argv and argv[0] in ("run", "ls", "validate") and "--include_path" not in argv:
         argv += ["--include_path", str(TASKS)]
+    if any(name in arg for arg in argv for name in ("niah", "ruler")):
+        import_quietly()  # before lm-eval loads the RULER tasks, which would print a false "Downloaded" offline
     sys.argv = ["momentkv-lm-eval", *_resolve_model_args(argv)]
     setup_logging()
     cli = HarnessCLI()  # lm-eval's own command line (its cli_evaluate), under this command's name in its help

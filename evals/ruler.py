@@ -11,8 +11,11 @@ Usage: python -m momentkv.evals.ruler --out results/eval/ruler.json --lengths 40
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
+import importlib
+import io
 import json
 import os
 import re
@@ -51,10 +54,32 @@ METHODS: dict[str, dict[str, Any] | None] = {
 
 
 @functools.cache
+def import_quietly() -> None:
+    """lm-eval's RULER module fetches nltk's punkt_tab as it is imported, then prints "Downloaded punkt_tab"
+    whatever happened (offline: a download error, then that). Import it once with its output held back, and say
+    plainly what is missing: RULER's essay haystacks need punkt_tab, the tasks run offline here do not."""
+    import nltk
+
+    download, held = nltk.download, io.StringIO()
+    nltk.download = functools.partial(download, quiet=True, print_error_to=held)  # its errors' stream is bound early
+    try:
+        with contextlib.redirect_stdout(held):
+            importlib.import_module("lm_eval.tasks.ruler.prepare_niah")
+    finally:
+        nltk.download = download
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+    except LookupError:
+        print("nltk's punkt_tab is not installed and could not be downloaded: RULER's essay haystacks need it "
+              "(python -m nltk.downloader punkt_tab), the tasks momentkv runs offline do not", file=sys.stderr)
+
+
+@functools.cache
 def warm_up() -> None:
     """Build one small RULER task, once per process (see :func:`_fresh_task_modules`)."""
     from lm_eval.tasks import TaskManager
 
+    import_quietly()
     _fresh_task_modules()
     metadata = {"max_seq_lengths": [1024], "tokenizer": str(smollm2_checkpoint())}
     TaskManager(metadata=metadata).load_task_or_group(["niah_single_1"])

@@ -85,3 +85,23 @@ def test_needle_misses_split_into_values_from_the_context_and_made_up_ones(tmp_p
     data["cells"]["full/2048/x1/ruler_fwe"].update(answers=answers)  # word lists: not a needle task
     table = ruler.markdown(data)
     assert "| full/2048/x1/niah_multikey_2 | 1 | 1 | 2 |" in table and "ruler_fwe |" not in table.split("Needle")[1]
+
+
+def test_lm_evals_ruler_module_loads_without_a_false_download_message():
+    """lm-eval's RULER module prints "Downloaded punkt_tab" after a failed download offline; loaded through
+    momentkv it prints nothing of the kind, and says once what is missing."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("nltk")
+    code = "from momentkv.evals.ruler import import_quietly; import_quietly(); import lm_eval.tasks.ruler.niah_utils"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Downloaded" not in done.stdout + done.stderr and "Error loading" not in done.stdout + done.stderr
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+    except LookupError:
+        assert "punkt_tab is not installed" in done.stderr
