@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -35,3 +36,22 @@ def test_compiled_decode_is_one_graph_and_matches_eager(tiny_model):
     assert not counters["graph_break"]
     assert torch.equal(compiled, eager) and torch.equal(again, eager) and torch.equal(repatched, eager)
     assert torch.equal(shorter[:, -40:], eager[:, -40:]), "only padding differs: the answers are the same"
+
+
+@pytest.mark.skipif(torch.__version__ < "2.13", reason="torch 2.11's inductor segfaults compiling this model's decode "
+                    "step on CPU (docs/design.md, known limitations); eager is exact there")
+def test_a_linear_attention_hybrid_compiles_exactly(tmp_path):
+    """Qwen3.5: gated delta-net layers (transformers' own cache layers) between the budgeted full-attention ones;
+    the compiled step gives the unpatched model's tokens, nothing evicted."""
+    from momentkv.evals.architectures import build, prompts
+
+    model = build("qwen3_5", "Qwen3_5ForCausalLM", tmp_path)
+    ids, mask = prompts()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                  pad_token_id=0)
+    expected = model.generate(**kwargs)
+    torch._dynamo.reset()
+    counters.clear()
+    with momentkv.patched(model, budget=16, compile=True):
+        assert torch.equal(model.generate(**kwargs), expected)
+    assert not counters["graph_break"]
