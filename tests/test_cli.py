@@ -48,3 +48,10 @@ def test_lm_eval_help_names_this_command(capsys):
     text = capsys.readouterr().out
     assert text.startswith("usage: momentkv-lm-eval run")
     assert not re.search(r"(?<![\w-])lm-eval ", text), "lm-eval's own command name left in the help"
+
+
+def test_a_zero_default_is_shown(capsys):
+    """0 is a default worth saying (``--seed``), unlike None or a flag's False."""
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "which document and question (default: 0)" in " ".join(capsys.readouterr().out.split())
