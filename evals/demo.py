@@ -3,8 +3,9 @@
 A document of about 4,000 tokens hides a number, and a question asks for it. The full cache and momentkv (the
 prompt compressed 4x at prefill, 64 decode slots) answer greedily, as one asks a small model for a fact (a
 repetition penalty would count against the digits the answer must copy from the prompt); then each writes on to
-``new_tokens``, while the demo follows the memory of each cache and the speed of each step. The passes run full cache, momentkv, momentkv, full cache, and each speed is
-the mean of its two passes: load on the machine that changes during the run weighs on both sides alike.
+``new_tokens``, while the demo follows the memory of each cache and the speed of each step. The passes run full
+cache, momentkv, momentkv, full cache, and each speed is the mean of its two passes: load on the machine that
+changes during the run weighs on both sides alike.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 import momentkv
 
+from momentkv.patching import GENERATE_CACHE_ARG
+
 from .models import chat_prompt, load_smollm2
 from .provenance import versions
+from .step_timer import kv_bytes
 from .workloads import retrieval_samples, retrieval_score
 
 GENERATION = dict(do_sample=False)
@@ -52,6 +56,8 @@ class Pass:
     tokens: torch.Tensor  # the generated tokens [T]
     prefill_seconds: float  # from the call to the first token's logits
     step_ends: list[float]  # seconds from the call to each token's logits
+    cache_bytes: int  # what the cache holds at the end
+    cache_tokens: int  # the tokens it has seen (the prompt and every generated token but the last)
 
     def step_seconds(self) -> float:
         """The median decode step (robust to a one-off slow step)."""
@@ -67,10 +73,13 @@ def generate(model: PreTrainedModel, inputs: dict, new_tokens: int, label: str) 
     clock = Clock(new_tokens, label)
     start = time.perf_counter()
     out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **GENERATION,
-                         logits_processor=LogitsProcessorList([clock]))
+                         logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True)
     clock.bar.close()
     ends = [t - start for t in clock.times]
-    return Pass(out[0, inputs["input_ids"].shape[1]:], ends[0], ends)
+    state = momentkv.state_of(model)
+    cache = getattr(out, GENERATE_CACHE_ARG)
+    held = state.cache.nbytes() if state is not None else kv_bytes(cache)  # momentkv's: scores and moments too
+    return Pass(out.sequences[0, inputs["input_ids"].shape[1]:], ends[0], ends, held, cache.get_seq_length())
 
 
 def run_demo(budget: int = 64, context: int = 4096, compression: int = 4, new_tokens: int = 192,
@@ -89,40 +98,32 @@ def run_demo(budget: int = 64, context: int = 4096, compression: int = 4, new_to
     prompt_len = inputs["input_ids"].shape[1]
     settings = dict(budget=budget, prefill_budget=max(1, prompt_len // compression), compile=compile)
 
-    def run(label: str, tokens: int) -> tuple[Pass, int]:
-        """One pass; with momentkv, also the bytes its cache holds (fixed)."""
+    def run(label: str, tokens: int) -> Pass:
         if label == "full cache":
-            return generate(model, inputs, tokens, label), 0
+            return generate(model, inputs, tokens, label)
         with momentkv.patched(model, **settings):
-            done = generate(model, inputs, tokens, label)
-            return done, momentkv.state_of(model).cache.nbytes()
+            return generate(model, inputs, tokens, label)
 
-    warm = {label: run(label, WARM_TOKENS)[0] for label in ORDER[:2]}  # one-off costs (allocation, kernels) stay out
+    warm = {label: run(label, WARM_TOKENS) for label in ORDER[:2]}  # one-off costs (allocation, kernels) stay out
     started = time.perf_counter()
     estimate = sum(warm[label].prefill_seconds + (new_tokens - 1) * warm[label].step_seconds() for label in ORDER)
     print(f"estimated time: about {estimate / 60:.1f} min", flush=True)
     passes: dict[str, list[Pass]] = {label: [] for label in ORDER[:2]}
-    budgeted_bytes = 0
     for label in ORDER:
-        done, nbytes = run(label, new_tokens)
-        passes[label].append(done)
-        budgeted_bytes = max(budgeted_bytes, nbytes)
+        passes[label].append(run(label, new_tokens))
 
     full, budgeted = passes["full cache"][0], passes["momentkv"][0]
     answers = {label: tokenizer.decode(runs[0].tokens[:ANSWER_TOKENS], skip_special_tokens=True).split("\n")[0].strip()
                for label, runs in passes.items()}
     correct = {label: retrieval_score(answer, sample.answers) == 1.0 for label, answer in answers.items()}
     same = int((full.tokens == budgeted.tokens).cumprod(0).sum())
-    config = model.config.get_text_config(decoder=True)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+    per_token = full.cache_bytes / full.cache_tokens  # the full cache grows by this for each token it sees
     ends = sorted({max(2, round(new_tokens * k / COLUMNS)) for k in range(1, COLUMNS + 1)})
     starts = [1, *ends[:-1]]
     rows = [{"generated": end,
-             "full_cache_kv_mib": (prompt_len + end) * per_token / 2**20,
-             "momentkv_cache_mib": budgeted_bytes / 2**20,
-             **{f"{key}_tokens_per_second": sum(p.tokens_per_second(start, end) for p in passes[label]) / 2
+             "full_cache_kv_mib": (prompt_len + end - 1) * per_token / 2**20,
+             "momentkv_cache_mib": budgeted.cache_bytes / 2**20,
+             **{f"{key}_tokens_per_second": statistics.mean(p.tokens_per_second(start, end) for p in passes[label])
                 for key, label in (("full_cache", "full cache"), ("momentkv", "momentkv"))}}
             for start, end in zip(starts, ends)]
 
@@ -156,8 +157,8 @@ def run_demo(budget: int = 64, context: int = 4096, compression: int = 4, new_to
         "answers": answers,
         "correct": correct,
         "identical_prefix_tokens": same,
-        "budgeted_cache_bytes": budgeted_bytes,
-        "full_cache_kv_bytes_at_end": (prompt_len + new_tokens) * per_token,
+        "budgeted_cache_bytes": budgeted.cache_bytes,
+        "full_cache_kv_bytes_at_end": full.cache_bytes,
         "prefill_seconds": {label: [p.prefill_seconds for p in runs] for label, runs in passes.items()},
         "rows": rows,
         "texts": {label: tokenizer.decode(runs[0].tokens, skip_special_tokens=True) for label, runs in passes.items()},

@@ -179,11 +179,11 @@ def headline(results: Results, path: Path) -> bool:
 
     methods, columns, cells = tables(results)["long-generation"]
     full = [cells[("full", c)] for c in columns if ("full", c) in cells]
+    budget = next(int(c) for c in columns if c.isdigit())
+    legends = {**{name: momentkv_label(name, budget) for name in MOMENTKV_MODES}, **PEERS}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (metric, label) in zip(axes, (("top1", "top-1 agreement with the full cache, %"),
                                           ("kl", "KL(full || compressed), log scale"))):
-        budget = next(int(c) for c in columns if c.isdigit())
-        legends = {**{name: momentkv_label(name, budget) for name in MOMENTKV_MODES}, **PEERS}
         for i, (name, legend) in enumerate(legends.items()):
             points = sorted((cells[(name, c)]["cache_tokens"], cells[(name, c)][metric]) for c in columns
                             if metric in cells.get((name, c), {}))

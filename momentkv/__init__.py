@@ -29,6 +29,7 @@ _PUBLIC = {
 }
 __all__ = sorted(_PUBLIC)
 
+
 def __getattr__(name: str) -> Any:
     if name not in _PUBLIC:
         raise AttributeError(f"module 'momentkv' has no attribute {name!r}")

@@ -42,7 +42,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
+        unsaid = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if "default" in text or unsaid:
             return text
         return super()._get_help_string(action)
 

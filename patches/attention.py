@@ -97,7 +97,8 @@ def make_attention(active_cache: Callable[[], MomentKVCache | None], fallback: C
                 raise ValueError(f"momentkv cannot generate with attention dropout ({dropout}, {_where(module)} is in "
                                  "training mode): the budgeted decode step has none, so the prompt and the decode "
                                  "steps would differ; call model.eval() before generate")
-            _check_prompt_mask(module, attention_mask)
+            if not torch.compiler.is_compiling():  # a host sync: eager prefill only (the trial always runs it)
+                _check_prompt_mask(module, attention_mask)
             result = fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
             layer.prefill(query, key_validity(attention_mask, key), scale)
             return result

@@ -18,9 +18,11 @@ from momentkv.evals.methods import method
 from conftest import build_tiny, left_padded_batch
 
 KVPRESS_PYTHON = os.environ.get("KVPRESS_PYTHON")
-needs_kvpress = pytest.mark.skipif(not KVPRESS_PYTHON, reason="KVPRESS_PYTHON is not set: the kvpress comparison needs a Python with kvpress 0.5.5, which needs "
-                                   "transformers < 5.3; `bash .ci/run` makes one, or: python3 -m venv kv && kv/bin/pip install "
-                                   "torch==2.13.0 transformers==5.2.0 kvpress==0.5.5, then KVPRESS_PYTHON=kv/bin/python")
+needs_kvpress = pytest.mark.skipif(
+    not KVPRESS_PYTHON,
+    reason="KVPRESS_PYTHON is not set: the kvpress comparison needs a Python with kvpress 0.5.5, which needs "
+           "transformers < 5.3; `bash .ci/run` makes one, or: python3 -m venv kv && kv/bin/pip install "
+           "torch==2.13.0 transformers==5.2.0 kvpress==0.5.5, then KVPRESS_PYTHON=kv/bin/python")
 
 BUDGET, NEW_TOKENS = 8, 40
 
