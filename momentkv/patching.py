@@ -26,7 +26,7 @@ from momentkv.patches import MomentKVCache, UnsupportedAttention, make_attention
 from momentkv.patches.parallel import ONE_PROCESS, HeadGroup, head_group
 from momentkv.patches.private_api import (attention_parts, compile_on_any_device, effective_generation_config,
                                           unregister)
-from momentkv.patches.support import refusal
+from momentkv.patches.support import layer_types, refusal
 from momentkv.policies import PolicyError
 
 _ATTR = "_momentkv"
@@ -387,7 +387,15 @@ def _cache_for(model: PreTrainedModel, state: PatchState, batch: int, length: in
     return cache
 
 
+# Layer kinds transformers' static cache keeps with a Python int for their length (``cumulative_length_int``,
+# 5.17 and 5.25): compiled with static shapes, every decode step recompiled and hit dynamo's limit, as
+# transformers' own static cache does. Automatically dynamic, the int turns symbolic at its first change:
+# one recompile, then one graph (tests/test_compile.py).
+COUNTED_IN_PYTHON = ("sliding_attention", "chunked_attention")
+
+
 def _compile_config(model: PreTrainedModel) -> CompileConfig:
     on_cuda = model.device.type == "cuda"
-    return compile_on_any_device(CompileConfig(fullgraph=True, dynamic=False,
+    counted = any(kind in COUNTED_IN_PYTHON for kind in layer_types(model.config)[0])
+    return compile_on_any_device(CompileConfig(fullgraph=True, dynamic=None if counted else False,
                                                mode="reduce-overhead" if on_cuda else "default"))

@@ -11,9 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .attention import soft_cap
 
-def prefill_attention(query: Tensor, keys: Tensor, key_valid: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """query [B, Hq, W, Dk]: the last W prompt queries; keys [B, Hkv, L, Dk]; key_valid bool [B, L].
+
+def prefill_attention(query: Tensor, keys: Tensor, key_valid: Tensor, scale: float,
+                      softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    """query [B, Hq, W, Dk]: the last W prompt queries; keys [B, Hkv, L, Dk]; key_valid bool [B, L]; softcap: the
+    logits' soft cap (0: none).
 
     Query t sits at position L - W + t and sees keys up to it (causal) that are valid. Returns each query's
     attention probabilities fp32 [B, Hkv, W, L], averaged over the GQA group, and which keys it sees, bool
@@ -21,7 +25,7 @@ def prefill_attention(query: Tensor, keys: Tensor, key_valid: Tensor, scale: flo
     b, hq, w, dk = query.shape
     hkv, length = keys.shape[1], keys.shape[2]
     q = query.float().view(b, hkv, hq // hkv, w, dk)
-    logits = torch.einsum("bhgtd,bhld->bhgtl", q, keys.float()) * scale
+    logits, _ = soft_cap(torch.einsum("bhgtd,bhld->bhgtl", q, keys.float()) * scale, softcap)
     query_pos = torch.arange(length - w, length, device=keys.device)
     visible = (torch.arange(length, device=keys.device)[None, :] <= query_pos[:, None])[None] & key_valid[:, None, :]
     logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
@@ -33,13 +37,13 @@ def prefill_attention(query: Tensor, keys: Tensor, key_valid: Tensor, scale: flo
 
 
 def prefill_scores_reference(
-    query: Tensor, keys: Tensor, key_valid: Tensor, scale: float, alpha: float
+    query: Tensor, keys: Tensor, key_valid: Tensor, scale: float, alpha: float, softcap: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """As :func:`prefill_attention`; returns (importance, normalizer), fp32 [B, Hkv, L]: the momentum recurrence
     over the W queries, sum_t alpha^(W-1-t) p_t, and the same over [key visible to t].
     The plain-PyTorch kernel: runs on every device and is the reference for the others."""
     b, hkv, length, w = keys.shape[0], keys.shape[1], keys.shape[2], query.shape[2]
-    probs, visible = prefill_attention(query, keys, key_valid, scale)
+    probs, visible = prefill_attention(query, keys, key_valid, scale, softcap)
     decay = torch.pow(torch.full((w,), alpha, device=keys.device), torch.arange(w - 1, -1, -1, device=keys.device))
     importance = torch.einsum("t,bhtl->bhl", decay, probs)
     normalizer = torch.einsum("t,btl->bl", decay, visible.float())[:, None].expand(b, hkv, length).contiguous()
@@ -50,6 +54,6 @@ prefill_scores = torch.library.custom_op("momentkv::prefill_scores", prefill_sco
 
 
 @prefill_scores.register_fake
-def _(query, keys, key_valid, scale, alpha):
+def _(query, keys, key_valid, scale, alpha, softcap=0.0):
     shape = (keys.shape[0], keys.shape[1], keys.shape[2])
     return keys.new_empty(shape, dtype=torch.float32), keys.new_empty(shape, dtype=torch.float32)

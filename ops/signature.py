@@ -18,13 +18,14 @@ from torch import Tensor
 from .state import LayerState, StepSettings
 
 # Per call: the new token (query [B, Hq, Dk], key [B, H, 1, Dk], value [B, H, 1, Dv]; what an op does not read
-# may be None), the attention scale, the model's learned sink logits [Hq] and an eviction rank computed outside
-# the op ([B, H, S] float64, tensor parallelism), each with its default.
+# may be None), the attention scale and logit soft cap (0: none), the model's learned sink logits [Hq] and an
+# eviction rank computed outside the op ([B, H, S] float64, tensor parallelism), each with its default.
 PER_CALL: dict[str, tuple[Any, Any]] = {
     "query": (Optional[Tensor], None),
     "key": (Optional[Tensor], None),
     "value": (Optional[Tensor], None),
     "scale": (float, 1.0),
+    "softcap": (float, 0.0),
     "sink_logits": (Optional[Tensor], None),
     "rank": (Optional[Tensor], None),
 }

@@ -1,7 +1,8 @@
 """Triton kernel of ``momentkv::decode_attention``: split-K (flash-decoding) over the slots.
 
 Three launches: (1) each (sequence, KV head, split) attends its GQA group's queries to a
-range of slots with an online softmax, keeping the raw logits; (2) per (sequence, KV head)
+range of slots with an online softmax, keeping the logits (soft-capped where the model caps them); (2) per
+(sequence, KV head)
 the splits merge with the evicted set's virtual key through log-sum-exp; (3) per block of
 slots, the final probabilities, averaged over the group, update the momentum scores.
 K and V are read once; the logits add G fp32 per slot (a few percent of K/V traffic).
@@ -17,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .attention import decode_attention_reference
-from .triton_support import dots_in_fp32, tiles
+from .triton_support import dots_in_fp32, soft_cap, tiles
 
 TARGET_PROGRAMS = 264  # about two waves on an H100's 132 SMs
 MAX_SPLITS = 64
@@ -41,10 +42,10 @@ def launch_config(batch: int, kv_heads: int, slots: int, head_dim: int, dtype: t
 
 @triton.jit
 def _split_kernel(Q, K, V, VALID, LOGITS, PART_M, PART_L, PART_ACC,
-                  S, SPLIT, NS, scale,
+                  S, SPLIT, NS, scale, softcap,
                   sqb, sqh, skb, skh, sks, svb, svh, svs, sab, sah,
                   HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                  BLOCK: tl.constexpr, FP32: tl.constexpr):
+                  BLOCK: tl.constexpr, FP32: tl.constexpr, CAPPED: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
@@ -67,6 +68,8 @@ def _split_kernel(Q, K, V, VALID, LOGITS, PART_M, PART_L, PART_ACC,
             logits = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
         else:
             logits = tl.dot(q, tl.trans(k)) * scale
+        if CAPPED:
+            logits, _ = soft_cap(logits, softcap)
         logits = tl.where(ok[None, :] & gmask[:, None], logits, float("-inf"))
         tl.store(LOGITS + (bh * BLOCK_G + g)[:, None] * S + s[None, :], logits, mask=gmask[:, None] & smask[None, :])
         m_new = tl.maximum(m, tl.max(logits, 1))
@@ -88,10 +91,10 @@ def _split_kernel(Q, K, V, VALID, LOGITS, PART_M, PART_L, PART_ACC,
 
 @triton.jit
 def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_M, FINAL_L, MEAN_LOGIT, SINKS, VRANGE,
-                    NS, scale, sqb, sqh, sob, soh,
+                    NS, scale, softcap, sqb, sqh, sob, soh,
                     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                     NS_P2: tl.constexpr, BLOCK_DV: tl.constexpr, CORRECTED: tl.constexpr,
-                    MOMENT_AWARE: tl.constexpr, HAS_SINKS: tl.constexpr):
+                    MOMENT_AWARE: tl.constexpr, HAS_SINKS: tl.constexpr, CAPPED: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
@@ -108,7 +111,11 @@ def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_
     count = tl.load(N + bh)
     if CORRECTED:
         mu_k = tl.load(MU_K + bh * D + d)
-        mean_logit = tl.where(count > 0, scale * tl.sum(q * mu_k[None, :], 1), float("-inf"))
+        mean_logit = scale * tl.sum(q * mu_k[None, :], 1)
+        slope = tl.full([BLOCK_G], 1.0, tl.float32)
+        if CAPPED:  # f(m) and f'(m): the first-order term goes through the cap, as in the reference
+            mean_logit, slope = soft_cap(mean_logit, softcap)
+        mean_logit = tl.where(count > 0, mean_logit, float("-inf"))
         if MOMENT_AWARE:
             tl.store(MEAN_LOGIT + bh * BLOCK_G + g, mean_logit)
         virtual = tl.log(tl.maximum(count, 1.0)) + mean_logit
@@ -135,7 +142,7 @@ def _combine_kernel(Q, N, MU_K, MU_V, COM, PART_M, PART_L, PART_ACC, OUT, FINAL_
             mu_v = tl.load(MU_V + bh * DV + c)
             com = tl.load(COM + bh * DV * D + c[:, None] * D + d[None, :])
             cq = tl.dot(q, tl.trans(com), input_precision="ieee")
-            virtual_value = mu_v[None, :] + (scale / tl.maximum(count, 1.0)) * cq
+            virtual_value = mu_v[None, :] + (scale / tl.maximum(count, 1.0)) * slope[:, None] * cq
             # within the evicted values' range, as in the reference
             low = tl.load(VRANGE + bh * 2 * DV + c)
             high = tl.load(VRANGE + bh * 2 * DV + DV + c)
@@ -181,7 +188,7 @@ def _momentum_kernel(LOGITS, FINAL_M, FINAL_L, MEAN_LOGIT, VALID, IMP, NORM, S, 
 def decode_attention_triton(*, query: Tensor, keys: Tensor, values: Tensor, valid: Tensor, n: Tensor, mu_k: Tensor,
                             mu_v: Tensor, comoment: Tensor, value_range: Tensor, importance: Tensor,
                             normalizer: Tensor, scale: float, alpha: float, moments: bool, moment_weight: float,
-                            sink_logits: Tensor | None, **_: Any) -> Tensor:
+                            sink_logits: Tensor | None, softcap: float = 0.0, **_: Any) -> Tensor:
     """Same contract as the reference ``decode_attention``."""
     b, hq, d = query.shape
     hkv, slots, dv = keys.shape[1], keys.shape[2], values.shape[-1]
@@ -189,7 +196,7 @@ def decode_attention_triton(*, query: Tensor, keys: Tensor, values: Tensor, vali
         return decode_attention_reference(
             query=query, keys=keys, values=values, valid=valid, n=n, mu_k=mu_k, mu_v=mu_v, comoment=comoment,
             value_range=value_range, importance=importance, normalizer=normalizer, scale=scale, alpha=alpha,
-            moments=moments, moment_weight=moment_weight, sink_logits=sink_logits)
+            moments=moments, moment_weight=moment_weight, sink_logits=sink_logits, softcap=softcap)
     g = hq // hkv
     block_g = max(16, triton.next_power_of_2(g))
     query, keys, values = query.contiguous(), keys.contiguous(), values.contiguous()
@@ -208,17 +215,17 @@ def decode_attention_triton(*, query: Tensor, keys: Tensor, values: Tensor, vali
     mean_logit = torch.empty(b * hkv, block_g, **f32) if moment_aware else final_m  # final_m: never touched
     out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
     _split_kernel[(b * hkv, splits)](
-        query, keys, values, valid, logits, part_m, part_l, part_acc, slots, split, splits, scale,
+        query, keys, values, valid, logits, part_m, part_l, part_acc, slots, split, splits, scale, softcap or 1.0,
         query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), valid.stride(0), valid.stride(1),
-        HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, BLOCK=config["block"], FP32=config["fp32"])
+        HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, BLOCK=config["block"], FP32=config["fp32"], CAPPED=bool(softcap))
     _combine_kernel[(b * hkv,)](
         query, n, mu_k, mu_v, comoment, part_m, part_l, part_acc, out, final_m, final_l, mean_logit,
         sink_logits.contiguous() if sink_logits is not None else final_m,  # final_m: never read without sinks
-        value_range.contiguous(), splits, scale,
+        value_range.contiguous(), splits, scale, softcap or 1.0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         HKV=hkv, G=g, BLOCK_G=block_g, D=d, DV=dv, NS_P2=config["ns_p2"], BLOCK_DV=min(config["block_dv"], dv),
-        CORRECTED=moments, MOMENT_AWARE=moment_aware, HAS_SINKS=sink_logits is not None)
+        CORRECTED=moments, MOMENT_AWARE=moment_aware, HAS_SINKS=sink_logits is not None, CAPPED=bool(softcap))
     imp = importance if importance.is_contiguous() else importance.contiguous()
     norm = normalizer if normalizer.is_contiguous() else normalizer.contiguous()
     _momentum_kernel[(b * hkv, triton.cdiv(slots, MOMENTUM_BLOCK))](

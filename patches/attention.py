@@ -46,8 +46,8 @@ def own_attention(implementation: str) -> Callable:
 
 
 # Keyword arguments of the attention interface that change the maths of a full-attention layer beyond
-# what the decode op computes (``s_aux``, learned sinks, is computed). A budgeted layer refuses them.
-UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "attention_chunk_size")
+# what the decode op computes (``s_aux``, learned sinks, and ``softcap`` are computed). A budgeted layer refuses them.
+UNSUPPORTED_KWARGS = ("sliding_window", "attention_chunk_size")
 
 
 def _check_decode_call(layer: BudgetedLayer, module, key: Tensor, value: Tensor, kwargs: dict) -> None:
@@ -92,6 +92,7 @@ def make_attention(active_cache: Callable[[], MomentKVCache | None], fallback: C
         if not isinstance(layer, BudgetedLayer):
             return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        softcap = kwargs.get("softcap") or 0.0
         if not layer.prefilled:
             if dropout:
                 raise ValueError(f"momentkv cannot generate with attention dropout ({dropout}, {_where(module)} is in "
@@ -100,10 +101,10 @@ def make_attention(active_cache: Callable[[], MomentKVCache | None], fallback: C
             if not torch.compiler.is_compiling():  # a host sync: eager prefill only (the trial always runs it)
                 _check_prompt_mask(module, attention_mask)
             result = fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-            layer.prefill(query, key_validity(attention_mask, key), scale)
+            layer.prefill(query, key_validity(attention_mask, key), scale, softcap)
             return result
         if not torch.compiler.is_compiling():
             _check_decode_call(layer, module, key, value, kwargs)
-        return layer.decode(query, scale, kwargs.get("s_aux")), None
+        return layer.decode(query, scale, kwargs.get("s_aux"), softcap), None
 
     return momentkv_attention

@@ -171,9 +171,10 @@ class BudgetedLayer(CacheLayerMixin):
         raise ValueError("momentkv does not support beam search (num_beams > 1); use greedy search or sampling")
 
     # -- decoding ---------------------------------------------------------------------
-    def decode(self, query: Tensor, scale: float, sink_logits: Tensor | None = None) -> Tensor:
+    def decode(self, query: Tensor, scale: float, sink_logits: Tensor | None = None, softcap: float = 0.0) -> Tensor:
         """Attend the new token's query [B, Hq, 1, Dk] over the layer (the token is written by ``update``), then
-        evict if over budget. Returns [B, 1, Hq, Dv]. sink_logits [Hq]: the model's learned attention-sink logits.
+        evict if over budget. Returns [B, 1, Hq, Dv]. sink_logits [Hq]: the model's learned attention-sink logits;
+        softcap: its attention-logit soft cap (0: none).
 
         With the rule's fused kernels and one process this is one op; a registered rule runs between the
         attention and the eviction, and a layer-scope victim under tensor parallelism is chosen over every
@@ -182,12 +183,13 @@ class BudgetedLayer(CacheLayerMixin):
         st, settings, query = self.state, self.settings, query[:, :, 0]
         split_rank = settings.layer_scope and self.heads.size > 1
         if self.rule is None and not split_rank:
-            return call("decode_step", st, settings, query=query, scale=scale, sink_logits=sink_logits).unsqueeze(1)
+            return call("decode_step", st, settings, query=query, scale=scale, softcap=softcap,
+                        sink_logits=sink_logits).unsqueeze(1)
         # A registered rule is given this step's attention alone: the attention's momentum update of a zeroed
         # score is exactly the probability (the normaliser is updated as for every rule).
         attention = st.importance if self.rule is None else torch.zeros_like(st.importance)
-        out = call("decode_attention", st, settings, query=query, scale=scale, sink_logits=sink_logits,
-                   importance=attention)
+        out = call("decode_attention", st, settings, query=query, scale=scale, softcap=softcap,
+                   sink_logits=sink_logits, importance=attention)
         if self.rule is not None:
             decode_scores(self.rule, st, attention)
         rank = None
@@ -197,18 +199,19 @@ class BudgetedLayer(CacheLayerMixin):
         return out.unsqueeze(1)
 
     # -- prefill --------------------------------------------------------------------
-    def prefill(self, query: Tensor, key_valid: Tensor, scale: float) -> None:
+    def prefill(self, query: Tensor, key_valid: Tensor, scale: float, softcap: float = 0.0) -> None:
         """Score the prompt held since ``update`` and write it into the prompt slots, compressed to the prefill
         budget if longer; with a vote, after the last budgeted layer has scored its own.
 
-        query [B, Hq, L, D] (the prompt's queries); key_valid bool [B, L] (False on padding)."""
-        self.score_prompt(query, key_valid, scale)
+        query [B, Hq, L, D] (the prompt's queries); key_valid bool [B, L] (False on padding); softcap: the
+        attention-logit soft cap (0: none)."""
+        self.score_prompt(query, key_valid, scale, softcap)
         if self.pending.score is not None and self.config.prefill_vote > 0:
             self.prompt_vote.scored(self)
         else:
             self.write_prompt()
 
-    def score_prompt(self, query: Tensor, key_valid: Tensor, scale: float) -> None:
+    def score_prompt(self, query: Tensor, key_valid: Tensor, scale: float, softcap: float = 0.0) -> None:
         """Score the prompt's tokens, if a choice is to be made (held until :meth:`write_prompt`)."""
         pending, cfg = self.pending, self.config
         b, h, length, _ = pending.keys.shape
@@ -218,9 +221,9 @@ class BudgetedLayer(CacheLayerMixin):
         if length > self.prompt_slots or not cfg.protect_prompt:
             observed = query[:, :, -min(cfg.observation_window, length):]
             if self.rule is None:
-                scores = prefill_scores(observed, pending.keys, key_valid, scale, cfg.alpha)
+                scores = prefill_scores(observed, pending.keys, key_valid, scale, cfg.alpha, softcap)
             else:
-                scores = prompt_scores(self.rule, observed, pending.keys, key_valid, scale, cfg.alpha)
+                scores = prompt_scores(self.rule, observed, pending.keys, key_valid, scale, cfg.alpha, softcap)
             pending.importance, pending.normalizer = scores
         else:
             pending.importance = pending.normalizer = torch.zeros(b, h, length, dtype=torch.float32,

@@ -25,11 +25,11 @@ def decode_scores(rule: Callable, state: LayerState, attention: Tensor) -> None:
     state.importance.copy_(torch.where(state.valid, score, state.importance))
 
 
-def prompt_scores(rule: Callable, query: Tensor, keys: Tensor, key_valid: Tensor, scale: float,
-                  alpha: float) -> tuple[Tensor, Tensor]:
+def prompt_scores(rule: Callable, query: Tensor, keys: Tensor, key_valid: Tensor, scale: float, alpha: float,
+                  softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """(score, normalizer) fp32 [B, H, L] of the prompt keys [B, H, L, Dk]: the rule run over the last prompt
     queries [B, Hq, W, Dk] in order, each updating the keys it sees (key_valid bool [B, L]), as decoding would."""
-    probs, visible = prefill_attention(query, keys, key_valid, scale)
+    probs, visible = prefill_attention(query, keys, key_valid, scale, softcap)
     b, h, length = keys.shape[0], keys.shape[1], keys.shape[2]
     window = query.shape[2]
     score = torch.zeros(b, h, length, dtype=torch.float32, device=keys.device)

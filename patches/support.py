@@ -55,8 +55,6 @@ def refusal(model: PreTrainedModel) -> str | None:
         return (f"momentkv cannot patch model type {kind!r}: its attention does not go through transformers' "
                 "attention interface (no module's forward calls ALL_ATTENTION_FUNCTIONS; supported: Llama, Mistral, "
                 "Qwen2/3/3.5, Phi3, Gemma, Gemma3 and every model whose modeling code does; docs/models.md lists them)")
-    if getattr(text, "attn_logit_softcapping", None) is not None:
-        return f"momentkv does not support attention logit soft-capping (model type {kind!r})"
     if getattr(model.config, "is_encoder_decoder", False) or getattr(text, "add_cross_attention", False):
         return (f"momentkv cannot patch model type {kind!r}: it has cross-attention to an encoder, whose cache "
                 "is not a decode-time cache to budget")

@@ -15,6 +15,8 @@ import pytest
 import torch
 import transformers
 
+from momentkv.evals.tiny_fidelity import BINDING_SOFT_CAP
+
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
              initializer_range=0.2)
@@ -29,6 +31,10 @@ ARCHITECTURES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16, "initializer_range": 0.5}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                {"head_dim": 16, "num_hidden_layers": 3, "sliding_window": 6, "initializer_range": 0.02,
+                "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    # attention-logit soft-capping at a cap that binds: decoded without the cap, greedy output differs (checked)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {"head_dim": 16, "num_hidden_layers": 3, "sliding_window": 6, **BINDING_SOFT_CAP,
                 "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
 }
 

@@ -27,6 +27,8 @@ def test_every_architecture_is_exact_or_refused(model_type, tmp_path):
     ("llama4_text", "chunked-attention layers, kept bounded like sliding ones"),
     ("qwen3_moe", "a mixture-of-experts block"),
     ("gemma3_text", "sliding-window layers between the budgeted ones"),
+    ("gemma2", "attention-logit soft-capping (binding only in tests/conftest.py's tiny Gemma 2), sliding layers"),
+    ("vaultgemma", "attention-logit soft-capping"),
     # dispatching through the attention interface without transformers' class flag _supports_attention_backend:
     ("qwen3_5", "gated delta-net linear-attention layers between the budgeted ones"),
     ("qwen3_next", "linear-attention layers and a mixture of experts"),
@@ -43,7 +45,6 @@ def test_attention_variant_is_exact(model_type, variant, tmp_path):
     ("deepseek_v3", "reads keys or values other than the cache's own"),  # a latent (MLA) cache, expanded later
     ("jetmoe", "reads keys or values other than the cache's own"),  # keys repeated per expert after the cache
     ("diffllama", "reads keys or values other than the cache's own"),  # two attention calls on split values
-    ("gemma2", "soft-capping"),
     ("mpt", "does not go through transformers' attention interface"),
     ("bart", "cross-attention layers"),  # BartForCausalLM: a decoder with the encoder's cross-attention
 ])

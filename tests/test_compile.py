@@ -55,3 +55,25 @@ def test_a_linear_attention_hybrid_compiles_exactly(tmp_path):
     with momentkv.patched(model, budget=16, compile=True):
         assert torch.equal(model.generate(**kwargs), expected)
     assert not counters["graph_break"]
+
+
+
+def test_sliding_layers_and_a_soft_cap_compile(tiny_model):
+    """Gemma 2: sliding-window layers kept by transformers' static layer, which counts its length in a Python int
+    (a static compile recompiled at every step and hit dynamo's limit, as transformers' own static cache does),
+    and a logit soft cap that binds. Compiled, with evictions, it gives eager's tokens in at most two graphs (the
+    int turns symbolic after its first change) and keeps them as the generation restarts."""
+    model = tiny_model("gemma2")
+    ids, mask = left_padded_batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                  pad_token_id=0)
+    with momentkv.patched(model, budget=8, prompt_bucket=16):
+        eager = model.generate(**kwargs)
+    torch._dynamo.reset()
+    counters.clear()
+    with momentkv.patched(model, budget=8, prompt_bucket=16, compile=True):
+        assert torch.equal(model.generate(**kwargs), eager)
+        assert counters["stats"]["unique_graphs"] <= 2
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert torch.equal(model.generate(**kwargs), eager)
+    assert not counters["graph_break"]

@@ -124,14 +124,6 @@ def test_compile_option_must_be_a_bool_or_none(tiny_model):
         momentkv.patch(tiny_model("llama"), budget=8, compile="yes")
 
 
-def test_attention_softcapping_is_refused():
-    config = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                       attn_logit_softcapping=50.0)
-    with pytest.raises(ValueError, match="soft-capping.*gemma2"):
-        momentkv.patch(transformers.Gemma2ForCausalLM(config), budget=8)
-
-
 def test_several_new_tokens_in_one_step_are_refused(tiny_model):
     model = tiny_model("llama")
     ids, mask = left_padded_batch()

@@ -31,8 +31,16 @@ def make_state(b=2, hq=4, hkv=2, s=7, d=8, dv=8, evicted=5, seed=0, dtype=torch.
                 importance=importance, normalizer=normalizer), (ek, ev)
 
 
-def naive_corrected(st, scale, corrected):
-    """Section 1 formula, one (batch, query head) at a time, in float64."""
+def capped(logit, softcap):
+    """Gemma 2's soft cap, ``c tanh(x / c)``, and its slope ``1 - tanh(x / c)^2`` (no cap: x and 1)."""
+    if not softcap:
+        return logit, torch.ones_like(logit)
+    return softcap * torch.tanh(logit / softcap), 1 - torch.tanh(logit / softcap) ** 2
+
+
+def naive_corrected(st, scale, corrected, softcap=0.0):
+    """Section 1 formula, one (batch, query head) at a time, in float64. With a soft cap f, the evicted set's
+    sum_j exp(f(s q.k_j)) v_j is expanded to first order around mu_k: exp(f(m)) (n mu_v + f'(m) s C q)."""
     b, hq, _ = st["query"].shape
     hkv = st["keys"].shape[1]
     out = torch.zeros(b, hq, st["values"].shape[-1], dtype=torch.float64)
@@ -42,28 +50,29 @@ def naive_corrected(st, scale, corrected):
             kv = h // (hq // hkv)
             q = st["query"][bi, h].double()
             idx = st["valid"][bi, kv].nonzero().flatten()
-            w = torch.exp(scale * st["keys"][bi, kv, idx].double() @ q)
+            w = torch.exp(capped(scale * st["keys"][bi, kv, idx].double() @ q, softcap)[0])
             num = (w[:, None] * st["values"][bi, kv, idx].double()).sum(0)
             den = w.sum()
             if corrected and st["n"][bi, kv] > 0:
                 count = st["n"][bi, kv].double()
-                w_e = count * torch.exp(scale * st["mu_k"][bi, kv].double() @ q)
-                num = num + torch.exp(scale * st["mu_k"][bi, kv].double() @ q) * (
-                    count * st["mu_v"][bi, kv].double() + scale * st["comoment"][bi, kv].double() @ q)
-                den = den + w_e
+                mean_logit, slope = capped(scale * st["mu_k"][bi, kv].double() @ q, softcap)
+                num = num + torch.exp(mean_logit) * (
+                    count * st["mu_v"][bi, kv].double() + slope * scale * st["comoment"][bi, kv].double() @ q)
+                den = den + count * torch.exp(mean_logit)
             out[bi, h] = num / den
             probs[bi, kv, idx] += w / den / (hq // hkv)
     return out, probs
 
 
+@pytest.mark.parametrize("softcap", [0.0, 0.8], ids=["uncapped", "soft-capped"])
 @pytest.mark.parametrize("corrected", [True, False])
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (4, 2), (8, 1)])
-def test_decode_attention_matches_formula_and_updates_momentum(corrected, hq, hkv):
+def test_decode_attention_matches_formula_and_updates_momentum(corrected, hq, hkv, softcap):
     st, _ = make_state(hq=hq, hkv=hkv)
     before_i, before_z = st["importance"].clone(), st["normalizer"].clone()
     scale, alpha = 0.35, 0.8
-    out = run("decode_attention", st, scale=scale, alpha=alpha, moments=corrected)
-    ref, probs = naive_corrected(st, scale, corrected)
+    out = run("decode_attention", st, scale=scale, alpha=alpha, moments=corrected, softcap=softcap)
+    ref, probs = naive_corrected(st, scale, corrected, softcap)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     valid = st["valid"]
     expected_i = torch.where(valid, alpha * before_i + probs.float(), before_i)
@@ -72,19 +81,21 @@ def test_decode_attention_matches_formula_and_updates_momentum(corrected, hq, hk
     torch.testing.assert_close(st["normalizer"], expected_z)
 
 
+@pytest.mark.parametrize("softcap", [0.0, 0.8], ids=["uncapped", "soft-capped"])
 @pytest.mark.parametrize("hq, hkv", [(4, 2), (8, 1)])
-def test_moment_informed_momentum_counts_only_what_the_moments_miss(hq, hkv):
-    """moment_weight=1: a slot gains p_j - p_mu (1 + s q.(k_j - mu_k)); nothing when its key is the mean."""
+def test_moment_informed_momentum_counts_only_what_the_moments_miss(hq, hkv, softcap):
+    """moment_weight=1: a slot gains p_j - p_mu (1 + x_j - x_mu), x the (capped) logits; nothing when its key is
+    the mean."""
     st, _ = make_state(hq=hq, hkv=hkv)
     st["keys"][:, :, 1] = st["mu_k"]
     st["valid"][:, :, 1] = True
     before = st["importance"].clone()
     scale, alpha = 0.35, 0.8
-    run("decode_attention", st, scale=scale, alpha=alpha, moments=True, moment_weight=1.0)
-    _, probs = naive_corrected(st, scale, True)
+    run("decode_attention", st, scale=scale, alpha=alpha, moments=True, moment_weight=1.0, softcap=softcap)
+    _, probs = naive_corrected(st, scale, True, softcap)
     q = st["query"].double().view(2, hkv, hq // hkv, -1)
-    mean_logit = scale * torch.einsum("bhgd,bhd->bhg", q, st["mu_k"].double())
-    logits = scale * torch.einsum("bhgd,bhsd->bhgs", q, st["keys"].double())
+    mean_logit = capped(scale * torch.einsum("bhgd,bhd->bhg", q, st["mu_k"].double()), softcap)[0]
+    logits = capped(scale * torch.einsum("bhgd,bhsd->bhgs", q, st["keys"].double()), softcap)[0]
     den = torch.exp(logits).masked_fill(~st["valid"][:, :, None], 0).sum(-1) + st["n"].double()[..., None] * torch.exp(mean_logit)
     estimate = (torch.exp(mean_logit) / den)[..., None] * (1 + logits - mean_logit[..., None])
     expected = probs - torch.where(st["valid"], estimate.mean(2), 0.0)
@@ -108,8 +119,10 @@ def test_empty_evicted_set_is_softmax_attention(dtype):
     torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
 
 
-def test_correction_recovers_attention_to_evicted_tokens():
-    """With evicted keys close to their mean, the first-order correction is far closer to full attention."""
+@pytest.mark.parametrize("softcap", [0.0, 1.5], ids=["uncapped", "soft-capped"])
+def test_correction_recovers_attention_to_evicted_tokens(softcap):
+    """With evicted keys close to their mean, the first-order correction is far closer to full attention (with a
+    soft cap that binds, too: the logits of this query reach about 4, capped at 1.5)."""
     gen = torch.Generator().manual_seed(1)
     b, h, d, kept, gone = 1, 2, 16, 6, 40
     q = torch.randn(b, h, d, generator=gen)
@@ -117,8 +130,8 @@ def test_correction_recovers_attention_to_evicted_tokens():
     k_gone = center + 0.05 * torch.randn(b, h, gone, d, generator=gen)
     v_gone = torch.randn(b, h, gone, d, generator=gen) + 3.0
     k_kept, v_kept = torch.randn(b, h, kept, d, generator=gen), torch.randn(b, h, kept, d, generator=gen)
-    full = F.scaled_dot_product_attention(q[:, :, None], torch.cat([k_kept, k_gone], 2),
-                                          torch.cat([v_kept, v_gone], 2), scale=0.25).squeeze(2)
+    logits = capped(0.25 * torch.einsum("bhd,bhsd->bhs", q, torch.cat([k_kept, k_gone], 2)), softcap)[0]
+    full = torch.einsum("bhs,bhsd->bhd", logits.softmax(-1), torch.cat([v_kept, v_gone], 2))
     n, mu_k, mu_v, comoment = torch.zeros(b, h), torch.zeros(b, h, d), torch.zeros(b, h, d), torch.zeros(b, h, d, d)
     merge_set(n, mu_k, mu_v, comoment, k_gone, v_gone, torch.ones(b, h, gone, dtype=torch.bool))
     args = dict(query=q, keys=k_kept, values=v_kept, valid=torch.ones(b, h, kept, dtype=torch.bool), n=n, mu_k=mu_k,
@@ -213,7 +226,7 @@ def test_evict_keeps_budget_and_takes_lowest_candidate(score_kind, shared):
         assert torch.equal(score[gone].view(lowest.shape), lowest)
 
 
-def naive_prefill_scores(q, keys, key_valid, scale, alpha):
+def naive_prefill_scores(q, keys, key_valid, scale, alpha, softcap=0.0):
     b, hq, w, _ = q.shape
     hkv, length = keys.shape[1], keys.shape[2]
     g = hq // hkv
@@ -226,20 +239,20 @@ def naive_prefill_scores(q, keys, key_valid, scale, alpha):
             decay = alpha ** (w - 1 - t)
             for h in range(hq):
                 kv = h // g
-                p = torch.softmax(scale * keys[bi, kv, seen].double() @ q[bi, h, t].double(), 0)
+                p = torch.softmax(capped(scale * keys[bi, kv, seen].double() @ q[bi, h, t].double(), softcap)[0], 0)
                 imp[bi, kv, seen] += decay * p / g
             norm[bi, :, seen] += decay
     return imp, norm
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.7, 1.0])
-def test_prefill_scores_match_brute_force(alpha):
+@pytest.mark.parametrize("alpha, softcap", [(0.0, 0.0), (0.7, 0.0), (1.0, 0.0), (0.7, 0.5)])
+def test_prefill_scores_match_brute_force(alpha, softcap):
     gen = torch.Generator().manual_seed(3)
     q, keys = torch.randn(2, 4, 3, 8, generator=gen), torch.randn(2, 2, 9, 8, generator=gen)
     key_valid = torch.ones(2, 9, dtype=torch.bool)
     key_valid[1, :4] = False
-    imp, norm = prefill_scores(q, keys, key_valid, 0.4, alpha)
-    ref_imp, ref_norm = naive_prefill_scores(q, keys, key_valid, 0.4, alpha)
+    imp, norm = prefill_scores(q, keys, key_valid, 0.4, alpha, softcap)
+    ref_imp, ref_norm = naive_prefill_scores(q, keys, key_valid, 0.4, alpha, softcap)
     torch.testing.assert_close(imp.double(), ref_imp, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(norm.double(), ref_norm)
 
@@ -265,13 +278,14 @@ def test_opcheck_every_op():
     token = dict(key=torch.randn(b, h, 1, d), value=torch.randn(b, h, 1, d))
     state = dict(st, positions=torch.arange(s).expand(b, h, s).contiguous(), decode_len=torch.tensor(5),
                  seen=torch.tensor(7))
-    for options in (dict(), dict(moment_weight=0.5), dict(recent_window=6, cap_window=True), dict(layer_scope=True)):
+    for options in (dict(), dict(moment_weight=0.5), dict(recent_window=6, cap_window=True), dict(layer_scope=True),
+                    dict(softcap=2.0)):
         for op in ("write", "decode_attention", "evict", "decode_step"):
             copy = {k: v.clone() for k, v in state.items()}
             torch.library.opcheck(getattr(torch.ops.momentkv, op).default,
                                   op_arguments(copy, **token, scale=0.3, **options))
     torch.library.opcheck(torch.ops.momentkv.prefill_scores.default,
-                          (torch.randn(2, 4, 3, d), st["keys"], torch.ones(2, s, dtype=torch.bool), 0.3, 0.9))
+                          (torch.randn(2, 4, 3, d), st["keys"], torch.ones(2, s, dtype=torch.bool), 0.3, 0.9, 2.0))
 
 
 @pytest.mark.parametrize("carry", [0, 2, 5])

@@ -121,16 +121,17 @@ def test_evict_kernel_matches_reference(score_kind, shared, decode_len, d, recen
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("alpha", [0.0, 0.9, 1.0])
+@pytest.mark.parametrize("alpha, softcap", [(0.0, 0.0), (0.9, 0.0), (1.0, 0.0), (0.9, 0.5)],
+                         ids=["alpha-0", "alpha-0.9", "alpha-1", "soft-capped"])
 @pytest.mark.parametrize("hq, hkv", [(2, 2), (8, 2)])
-def test_prefill_scores_kernel_matches_reference(dtype, alpha, hq, hkv):
+def test_prefill_scores_kernel_matches_reference(dtype, alpha, softcap, hq, hkv):
     gen = torch.Generator().manual_seed(2)
     query = torch.randn(2, hq, 5, 64, generator=gen).to(dtype).to(DEVICE)
     keys = torch.randn(2, hkv, 77, 64, generator=gen).to(dtype).to(DEVICE)
     key_valid = torch.ones(2, 77, dtype=torch.bool, device=DEVICE)
     key_valid[1, :20] = False
-    importance, normalizer = prefill_scores_triton(query, keys, key_valid, 0.125, alpha)
-    ref_importance, ref_normalizer = prefill_scores_reference(query, keys, key_valid, 0.125, alpha)
+    importance, normalizer = prefill_scores_triton(query, keys, key_valid, 0.125, alpha, softcap)
+    ref_importance, ref_normalizer = prefill_scores_reference(query, keys, key_valid, 0.125, alpha, softcap)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(importance, ref_importance, rtol=tol, atol=tol)
     torch.testing.assert_close(normalizer, ref_normalizer)
@@ -161,6 +162,26 @@ def test_decode_attention_kernel_with_sinks_and_value_head_sizes(dtype, dk, dv, 
     assert out.shape == (b, hq, dv)
     torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(state["importance"], expected_state["importance"], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("corrected, moment_weight", [(True, 0.0), (True, 0.7), (False, 0.0)],
+                         ids=["moments", "moment-informed", "none"])
+def test_decode_attention_kernel_soft_caps_like_the_reference(dtype, corrected, moment_weight):
+    """Gemma 2's soft cap on the logits, the virtual key's and its first-order term's included; the cap (1.0)
+    binds: these logits reach about 3."""
+    state = attention_state(2, 8, 2, 70, 64, dtype, evicted=5, invalid=0.3)
+    state["query"] = state["query"] * 3
+    expected_state = {k: v.clone() for k, v in state.items()}
+    options = dict(scale=0.125, alpha=0.85, moments=corrected, moment_weight=moment_weight, softcap=1.0)
+    out = ATTENTION["triton"](*op_arguments(state, **options))
+    expected = ATTENTION["reference"](*op_arguments(expected_state, **options))
+    uncapped = ATTENTION["reference"](*op_arguments({k: v.clone() for k, v in state.items()},
+                                                    **dict(options, softcap=0.0)))
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(state["importance"], expected_state["importance"], rtol=tol, atol=tol)
+    assert (expected.float() - uncapped.float()).abs().max() > 10 * tol, "the cap must bind in this test"
 
 
 def test_sinks_take_their_share_of_the_softmax():
