@@ -85,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)} (known: {', '.join(MODELS)})")
     budgets = [int(b) for b in args.budgets.split(",")]
+    found = versions()  # before measuring: the code that runs is the code recorded
     results = [row for model in args.models.split(",")
                for row in measure(model, budgets, args.new_tokens, args.rows, args.prompt_tokens)]
     print(markdown(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         command = "python -m momentkv.evals.tiny_fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
-        args.out.write_text(json.dumps(dict(command=command, versions=versions(), results=results), indent=1) + "\n")
+        args.out.write_text(json.dumps(dict(command=command, versions=found, results=results), indent=1) + "\n")
     return 0
 
 

@@ -46,8 +46,9 @@ def own_attention(implementation: str) -> Callable:
 
 
 # Keyword arguments of the attention interface that change the maths of a full-attention layer beyond
-# what the decode op computes (``s_aux``, learned sinks, and ``softcap`` are computed). A budgeted layer refuses them.
-UNSUPPORTED_KWARGS = ("sliding_window", "attention_chunk_size")
+# what the decode op computes (``s_aux``, learned sinks, and ``softcap`` are computed). A budgeted layer refuses them
+# (``position_bias``: Inkling's relative position bias, added to the scores).
+UNSUPPORTED_KWARGS = ("sliding_window", "attention_chunk_size", "position_bias")
 
 
 def _check_decode_call(layer: BudgetedLayer, module, key: Tensor, value: Tensor, kwargs: dict) -> None:
@@ -61,9 +62,11 @@ def _check_decode_call(layer: BudgetedLayer, module, key: Tensor, value: Tensor,
             "read twice, or read at another layer's index), so the budgeted decode step would not compute the "
             "model's attention")
     for name in UNSUPPORTED_KWARGS:
-        if kwargs.get(name) is not None:
-            raise UnsupportedAttention(f"momentkv cannot budget {_where(module)}: its attention uses "
-                                       f"{name}={kwargs[name]!r}")
+        value = kwargs.get(name)
+        if value is not None:
+            shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
+            raise UnsupportedAttention(f"momentkv cannot budget {_where(module)}: its attention uses {name} "
+                                       f"({shown}), which the budgeted decode step does not apply")
 
 
 def _check_prompt_mask(module, attention_mask: Tensor | None) -> None:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin
+from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, LinearAttentionLayer
 from transformers.utils import is_torchdynamo_compiling
 
 from momentkv.config import MomentKVConfig
@@ -32,7 +32,7 @@ from momentkv.policies import policy
 
 from .parallel import ONE_PROCESS, HeadGroup
 from .rule import decode_scores, prompt_scores
-from .support import BOUNDED, BUDGETED, UnsupportedAttention, layer_types
+from .support import BOUNDED, BUDGETED, HYBRID, UnsupportedAttention, layer_types
 
 
 OUTSIDE_GENERATE = (
@@ -266,6 +266,33 @@ class BudgetedLayer(CacheLayerMixin):
         self.prefilled = True
 
 
+class BudgetedHybridLayer(LinearAttentionLayer, BudgetedLayer):
+    """A "hybrid" layer (Falcon-H1, Zamba2): a linear-attention or mamba state beside full attention in one decoder
+    layer. transformers' linear-attention layer keeps the state (fixed size already); the attention's keys and
+    values are budgeted. Assembled as transformers assembles its own static hybrid layer."""
+
+    def __init__(self, config: MomentKVConfig, prompt_slots: int, index: int, prompt_vote: PromptVote,
+                 heads: HeadGroup = ONE_PROCESS, number_of_states: int = 1):
+        BudgetedLayer.__init__(self, config, prompt_slots, index, prompt_vote, heads)
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        if len(args) == 2 and not kwargs:  # the attention's keys and values (update), else a conv/recurrent state
+            BudgetedLayer.lazy_initialization(self, *args)
+        else:
+            LinearAttentionLayer.lazy_initialization(self, *args, **kwargs)
+
+    def reset(self) -> None:
+        LinearAttentionLayer.reset(self)
+        BudgetedLayer.reset(self)
+
+    is_compileable = BudgetedLayer.is_compileable
+    get_seq_length = BudgetedLayer.get_seq_length
+    get_max_length = BudgetedLayer.get_max_length
+    get_mask_sizes = BudgetedLayer.get_mask_sizes
+    reorder_cache = BudgetedLayer.reorder_cache
+
+
 class MomentKVCache(Cache):
     """A transformers ``Cache`` whose full-attention layers are budgeted; sliding-window, chunked,
     linear-attention and convolution layers keep transformers' own static layers (already bounded)."""
@@ -276,8 +303,12 @@ class MomentKVCache(Cache):
         prompt_vote = PromptVote(config, heads)
         layers: list[CacheLayerMixin] = []
         for index, (kind, kwargs) in enumerate(zip(kinds, kinds_kwargs)):
-            if kind == BUDGETED:
-                layers.append(BudgetedLayer(config, prompt_slots, index, prompt_vote, heads))
+            if kind in BUDGETED:
+                if kind == HYBRID:
+                    layers.append(BudgetedHybridLayer(config, prompt_slots, index, prompt_vote, heads,
+                                                      kwargs.get("number_of_states", 1)))
+                else:
+                    layers.append(BudgetedLayer(config, prompt_slots, index, prompt_vote, heads))
             elif kind in BOUNDED:  # transformers' own static layer: a window, a recurrent state, or nothing
                 layers.append(STATIC_LAYER_TYPE_MAPPING[kind](max_cache_len=kwargs.get("sliding_window", 1), **kwargs))
             else:  # patch refuses such models (patches/support.py); a config changed since patching lands here

@@ -18,10 +18,13 @@ class UnsupportedAttention(ValueError):
     """A model's attention does something the budgeted decode step would get wrong."""
 
 
-BUDGETED = "full_attention"
+FULL, HYBRID = "full_attention", "hybrid"
+# Layer kinds whose attention keys and values momentkv budgets: full attention, alone or beside a linear-attention
+# or mamba state in the same decoder layer ("hybrid": Falcon-H1, Zamba2; the state stays transformers').
+BUDGETED = (FULL, HYBRID)
 # Layer kinds whose state transformers' static cache already bounds: momentkv keeps transformers' own
 # static layer for them and budgets the full-attention layers around them.
-BOUNDED = ("sliding_attention", "chunked_attention", "conv", "linear_attention", "dummy")
+BOUNDED = ("sliding_attention", "chunked_attention", "conv", "linear_attention", "hybrid_sliding", "dummy")
 
 
 def layer_types(model_config) -> tuple[list[str], list[dict]]:
@@ -71,11 +74,11 @@ def refusal(model: PreTrainedModel) -> str | None:
         types, _ = layer_types(model.config)
     except Exception as error:  # a config transformers itself cannot read layer kinds from
         return f"momentkv cannot patch model type {kind!r}: its cache layout is unknown ({type(error).__name__}: {error})"
-    unknown = sorted(set(types) - {BUDGETED, *BOUNDED})
+    unknown = sorted(set(types) - {*BUDGETED, *BOUNDED})
     if unknown:
         return (f"momentkv cannot patch model type {kind!r}: it has {', '.join(map(repr, unknown))} layers; momentkv "
-                f"budgets full-attention layers and keeps transformers' cache for {', '.join(BOUNDED)} layers")
-    if BUDGETED not in types:
+                f"budgets {', '.join(BUDGETED)} layers and keeps transformers' cache for {', '.join(BOUNDED)} layers")
+    if not set(BUDGETED) & set(types):
         return (f"momentkv cannot patch model type {kind!r}: none of its layers has full attention (they are "
                 f"{', '.join(sorted(set(types)))}), so its cache is bounded already and a budget would change nothing")
     return None

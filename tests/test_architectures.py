@@ -34,6 +34,8 @@ def test_every_architecture_is_exact_or_refused(model_type, tmp_path):
     ("qwen3_next", "linear-attention layers and a mixture of experts"),
     ("jamba", "mamba layers, whose state transformers' cache bounds"),
     ("falcon", "its own decoder, rotary, without ALiBi"),
+    ("falcon_h1", "'hybrid' layers: a mamba state beside full attention in one decoder layer"),
+    ("zamba2", "'hybrid' layers beside mamba layers"),
 ])
 def test_attention_variant_is_exact(model_type, variant, tmp_path):
     outcome = check(model_type, ARCHITECTURES[model_type], tmp_path)
@@ -47,6 +49,7 @@ def test_attention_variant_is_exact(model_type, variant, tmp_path):
     ("diffllama", "reads keys or values other than the cache's own"),  # two attention calls on split values
     ("mpt", "does not go through transformers' attention interface"),
     ("bart", "cross-attention layers"),  # BartForCausalLM: a decoder with the encoder's cross-attention
+    ("inkling_text", "its attention uses position_bias (a tensor"),  # a relative position bias added to the scores
 ])
 def test_unsupported_attention_is_refused_at_patch_time(model_type, reason, tmp_path):
     outcome = check(model_type, ARCHITECTURES[model_type], tmp_path)

@@ -238,7 +238,8 @@ def test_eviction_choice_ignores_the_row_index(score_kind):
         assert torch.equal(state.free_slot[0], state.free_slot[1]), seed
 
 
-@pytest.mark.parametrize("kwargs", [dict(softcap=30.0), dict(sliding_window=4), dict()], ids=str)
+@pytest.mark.parametrize("kwargs", [dict(position_bias=torch.zeros(1, 2, 1, 5)), dict(sliding_window=4), dict()],
+                         ids=["position_bias", "sliding_window", "none"])
 def test_decode_refuses_keys_not_its_own_and_maths_it_does_not_compute(kwargs):
     """The per-step guard behind patch's trial generation: other tensors than the buffers the layer's cache
     returned for the new token (or no new token), or an argument that changes a full-attention layer's maths,
@@ -249,7 +250,7 @@ def test_decode_refuses_keys_not_its_own_and_maths_it_does_not_compute(kwargs):
     layer = type("Layer", (), dict(keys=own[0], values=own[1], unattended=True))()
     module = type("Attention", (), dict(layer_idx=3))()
     if kwargs:
-        with pytest.raises(UnsupportedAttention, match=f"layer 3 .*uses {next(iter(kwargs))}="):
+        with pytest.raises(UnsupportedAttention, match=f"layer 3 .*uses {next(iter(kwargs))} "):
             _check_decode_call(layer, module, *own, kwargs)
         return
     _check_decode_call(layer, module, *own, kwargs)
