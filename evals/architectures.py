@@ -76,7 +76,7 @@ def _per_layer(value: Any, layers: int) -> bool:
     return isinstance(value, (list, str)) and len(value) == layers and not _is_index_list(value, layers)
 
 
-def _shrink_layers(defaults: dict, layers_key: str) -> dict:
+def shrink_layers(defaults: dict, layers_key: str) -> dict:
     """Fewer layers: the first of each distinct kind the full-size config mixes (at most ``MAX_LAYERS``), with
     every per-layer list cut to them and every list of layer indices renumbered."""
     layers = defaults.get(layers_key)
@@ -116,7 +116,7 @@ def _shrink(defaults: dict, config_class: type) -> dict:
     heads, kv_heads = (attribute_map.get(n, n) for n in ("num_attention_heads", "num_key_value_heads"))
     if kv_heads in defaults and defaults[kv_heads] == defaults.get(heads) or "kv_lora_rank" in defaults:
         kwargs[kv_heads] = SIZES["num_attention_heads"]  # multi-head (or latent) attention stays so: no GQA
-    kwargs.update(_shrink_layers(defaults, attribute_map.get("num_hidden_layers", "num_hidden_layers")))
+    kwargs.update(shrink_layers(defaults, attribute_map.get("num_hidden_layers", "num_hidden_layers")))
     for name, value in defaults.items():
         if name.endswith("_period") and isinstance(value, int):
             kwargs[name] = 2
@@ -136,7 +136,7 @@ def _shrink(defaults: dict, config_class: type) -> dict:
 def _shrink_nested(defaults: dict) -> dict:
     """A nested sub-config (text, vision, audio) as a plain dict: the same sizes, no class at hand."""
     shrunk = {name: value for name, value in SIZES.items() if name in defaults}
-    shrunk.update(_shrink_layers(defaults, "num_hidden_layers"))
+    shrunk.update(shrink_layers(defaults, "num_hidden_layers"))
     if "vocab_size" in defaults:
         shrunk.update(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
     return shrunk
