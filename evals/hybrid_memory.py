@@ -85,7 +85,7 @@ def full_cache_bytes(model, lengths: tuple[int, int]) -> list[tuple[float, float
             out = model(input_ids=ids, use_cache=True)
         cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.2x
         measured.append([tensor_bytes(layer) for layer in cache.layers])
-    (short, long), span = lengths, lengths[1] - lengths[0]
+    short, span = lengths[0], lengths[1] - lengths[0]
     return [((b - a) / span, a - (b - a) / span * short) for a, b in zip(*measured)]
 
 

@@ -25,6 +25,8 @@ CASES = {  # name -> momentkv options
 
 
 SHARDED = tensor_parallel_loading()
+# torch 2.11's inductor segfaults compiling a Qwen3.5 decode step on CPU (tests/test_compile.py says the same).
+NOT_ON_THIS_TORCH = {("qwen3_5-hybrid", "layer-scope-compiled")} if torch.__version__ < "2.13" else set()
 
 
 def generate(model, ids, mask, **options):
@@ -61,6 +63,9 @@ def main(folders: dict[str, str], out: str) -> None:
         unpatched, _ = generate(alone, ids, mask)
         row = {}
         for case, options in CASES.items():
+            if (name, case) in NOT_ON_THIS_TORCH:
+                row[case] = dict(skipped="torch 2.11's inductor segfaults compiling this model's decode step on CPU")
+                continue
             tokens, logits = generate(sharded, ids, mask, **options)
             reference, reference_logits = generate(alone, ids, mask, **options)
             row[case] = dict(tokens_equal_one_process=bool(torch.equal(tokens, reference)),
