@@ -100,6 +100,14 @@ def shrink_layers(defaults: dict, layers_key: str) -> dict:
     return shrunk
 
 
+def shrink_periods(defaults: dict) -> dict:
+    """Layer patterns given as a period and an offset (Jamba's attention every 8 layers from the 4th): every other
+    layer from the second, so that a few layers still mix the kinds."""
+    periods = {name: 2 for name, value in defaults.items() if name.endswith("_period") and isinstance(value, int)}
+    return {**periods, **{name: 1 for name, value in defaults.items()
+                          if name.endswith("_offset") and isinstance(value, int)}}
+
+
 def _shrink(defaults: dict, config_class: type) -> dict:
     """The constructor arguments of a tiny version of ``defaults`` (a full-size config's ``to_dict``)."""
     attribute_map = getattr(config_class, "attribute_map", {})
@@ -117,12 +125,9 @@ def _shrink(defaults: dict, config_class: type) -> dict:
     if kv_heads in defaults and defaults[kv_heads] == defaults.get(heads) or "kv_lora_rank" in defaults:
         kwargs[kv_heads] = SIZES["num_attention_heads"]  # multi-head (or latent) attention stays so: no GQA
     kwargs.update(shrink_layers(defaults, attribute_map.get("num_hidden_layers", "num_hidden_layers")))
+    kwargs.update(shrink_periods(defaults))
     for name, value in defaults.items():
-        if name.endswith("_period") and isinstance(value, int):
-            kwargs[name] = 2
-        elif name.endswith("_offset") and isinstance(value, int):
-            kwargs[name] = 1
-        elif name.endswith(("_token_id", "_token_index")) and isinstance(value, int) and value >= VOCAB:
+        if name.endswith(("_token_id", "_token_index")) and isinstance(value, int) and value >= VOCAB:
             kwargs[name] = VOCAB - 1
     kwargs.update(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
     if "is_decoder" in defaults:

@@ -31,7 +31,8 @@ from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import momentkv
-from momentkv.evals.architectures import BOS, EOS, PAD, SIZES, VOCAB, generate, prompts, shrink_layers
+from momentkv.evals.architectures import (BOS, EOS, PAD, SIZES, VOCAB, generate, prompts, shrink_layers,
+                                          shrink_periods)
 from momentkv.evals.provenance import versions
 from momentkv.patches.support import BUDGETED, layer_types
 
@@ -49,7 +50,8 @@ def real_width_config(model_type: str):
     real = config_class()
     defaults = real.to_dict()
     kwargs = {name: SIZES[name] for name in CACHE_FREE if name in defaults}
-    kwargs.update(shrink_layers(defaults, "num_hidden_layers"), pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    kwargs.update(shrink_layers(defaults, "num_hidden_layers"), **shrink_periods(defaults), pad_token_id=PAD,
+                  bos_token_id=BOS, eos_token_id=EOS)
     return real, config_class(**{**defaults, **kwargs})
 
 
