@@ -147,12 +147,22 @@ def _shrink_nested(defaults: dict) -> dict:
     return shrunk
 
 
+# Layer mixes of released checkpoints whose config class defaults to none of their attention layers (pure mamba),
+# so that the sweep judges the attention the released models have (Bamba-9B, Granite-4.0-H; RecurrentGemma's
+# pattern, whose first two layers are recurrent).
+LAYER_MIX = {
+    "bamba": dict(num_hidden_layers=2, attn_layer_indices=[1]),
+    "granitemoehybrid": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
+    "recurrent_gemma": dict(num_hidden_layers=3, block_types=["recurrent", "recurrent", "attention"]),
+}
+
+
 def tiny_config(model_type: str, model_class: type):
     """The config of a tiny ``model_type`` model of class ``model_class``."""
     config_class = type(AutoConfig.for_model(model_type))
     if not issubclass(config_class, model_class.config_class):  # a composite config: the class takes a part of it
         config_class = model_class.config_class
-    return config_class(**_shrink(config_class().to_dict(), config_class))
+    return config_class(**{**_shrink(config_class().to_dict(), config_class), **LAYER_MIX.get(model_type, {})})
 
 
 def build(model_type: str, class_name: str, folder: Path) -> torch.nn.Module:

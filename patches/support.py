@@ -46,6 +46,16 @@ def _calls_attention_interface(module_class: type) -> bool:
         return False
 
 
+@functools.cache
+def _module_dispatches(model_class: type) -> bool:
+    """Whether the modeling module of ``model_class`` has attention that dispatches through the interface (a
+    configuration of it may still build none, as Bamba's default config does)."""
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(inspect.getmodule(model_class))
+    except (OSError, TypeError):
+        return False
+
+
 def model_type(model: PreTrainedModel) -> str:
     return getattr(model.config, "model_type", None) or type(model).__name__
 
@@ -55,6 +65,10 @@ def refusal(model: PreTrainedModel) -> str | None:
     kind = model_type(model)
     text = model.config.get_text_config(decoder=True)
     if not any(_calls_attention_interface(type(module)) for module in model.modules()):
+        if _module_dispatches(type(model)):
+            return (f"momentkv cannot patch model type {kind!r}: this configuration builds no attention layer "
+                    "(its layers are all recurrent or mamba layers, whose state is bounded already), so a budget "
+                    "would change nothing")
         return (f"momentkv cannot patch model type {kind!r}: its attention does not go through transformers' "
                 "attention interface (no module's forward calls ALL_ATTENTION_FUNCTIONS; supported: Llama, Mistral, "
                 "Qwen2/3/3.5, Phi3, Gemma, Gemma3 and every model whose modeling code does; docs/models.md lists them)")

@@ -77,6 +77,16 @@ def test_models_outside_the_attention_interface_are_refused(config_name, model_n
         momentkv.patch(model, budget=8)
 
 
+def test_a_configuration_without_attention_layers_is_refused_for_that():
+    """Bamba's default config is all mamba layers: its attention would dispatch through the interface, but none is
+    built. Refused for that, not (falsely) for attention outside the interface."""
+    config = transformers.BambaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, mamba_n_heads=4, mamba_d_head=16,
+                                      mamba_d_state=8, mamba_n_groups=1)
+    with pytest.raises(ValueError, match="'bamba': this configuration builds no attention layer"):
+        momentkv.patch(transformers.BambaForCausalLM(config), budget=8)
+
+
 def test_a_mask_carrying_a_bias_is_refused():
     """Falcon with ALiBi adds the bias to the attention mask, which the budgeted decode step does not read: refused
     at patch (before this check, prompt keys read as padding and the answer was silently wrong)."""

@@ -6,7 +6,10 @@ pin the attention variants momentkv supports for real (each fails on the code be
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
+import transformers
 
 from momentkv.evals.architectures import causal_lm_architectures, check
 
@@ -17,6 +20,9 @@ ARCHITECTURES = dict(causal_lm_architectures())
 def test_every_architecture_is_exact_or_refused(model_type, tmp_path):
     outcome = check(model_type, ARCHITECTURES[model_type], tmp_path)
     assert outcome.outcome not in ("wrong", "crash"), outcome.reason
+    if "does not go through transformers' attention interface" in outcome.reason:  # a true reason only
+        source = inspect.getsource(inspect.getmodule(getattr(transformers, ARCHITECTURES[model_type])))
+        assert "ALL_ATTENTION_FUNCTIONS" not in source, f"its modeling code dispatches through the interface: {outcome}"
 
 
 @pytest.mark.parametrize("model_type, variant", [
@@ -35,6 +41,8 @@ def test_every_architecture_is_exact_or_refused(model_type, tmp_path):
     ("jamba", "mamba layers, whose state transformers' cache bounds"),
     ("falcon", "its own decoder, rotary, without ALiBi"),
     ("falcon_h1", "'hybrid' layers: a mamba state beside full attention in one decoder layer"),
+    ("bamba", "mamba layers and an attention layer (Bamba-9B's mix; the default config has none)"),
+    ("granitemoehybrid", "mamba layers and an attention layer (Granite-4.0-H's mix)"),
     ("zamba2", "'hybrid' layers beside mamba layers"),
 ])
 def test_attention_variant_is_exact(model_type, variant, tmp_path):
