@@ -292,8 +292,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "only with --kvpress-python; see evals/bench.py)")
     parser.add_argument("--kvpress-python", default=None,
                         help="python of an environment with kvpress 0.5.5 (transformers < 5.3), to add its presses")
+    parser.add_argument("--kv-caps", default=None,
+                        help="throughput at memory caps (evals/capacity.py): KV caps such as 256M,1G; each system runs "
+                             "the largest batch whose cache fits, for the first of --lengths tokens, from mixed-length "
+                             "sampled prompts")
+    parser.add_argument("--max-batch", type=int, default=64, help="with --kv-caps: the largest batch run (CPU time)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.add_argument("--plot", default=None, help="write a tokens/s plot (PNG) to this file")
+
+
+def _sizes(text: str) -> list[int]:
+    """``256M,1G`` in bytes (K, M, G: powers of 1,024)."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    try:
+        return [int(float(x[:-1]) * units[x[-1].upper()]) if x[-1:].upper() in units else int(x)
+                for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--kv-caps: sizes such as 256M,1G, got {text!r}") from None
+
+
+def _run_capacity(args: argparse.Namespace, parser: argparse.ArgumentParser, model, systems: list[str],
+                  ints) -> int:
+    from .capacity import SYSTEMS as CAPACITY_SYSTEMS, format_table as capacity_table, run_capacity
+
+    unknown = [name for name in systems if name not in CAPACITY_SYSTEMS]
+    if unknown:
+        parser.error(f"--systems with --kv-caps: {', '.join(unknown)} not measured at a cap; known: "
+                     f"{', '.join(CAPACITY_SYSTEMS)}")
+    if args.max_batch < 1:
+        parser.error(f"--max-batch must be at least 1, got {args.max_batch}")
+    try:
+        caps = _sizes(args.kv_caps)
+    except ValueError as error:
+        parser.error(str(error))
+    result = run_capacity(model, caps, args.prompt_len, ints(args.lengths)[0], ints(args.budgets), systems,
+                          args.max_batch)
+    print(capacity_table(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
 
 
 def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -312,6 +350,8 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(str(error))
     first = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports for every rank
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    if args.kv_caps:
+        return _run_capacity(args, parser, model, systems, ints)
     result = run_bench(model, folder, args.prompt_len, ints(args.lengths), ints(args.budgets),
                        ints(args.batches), systems, args.repeats, args.kvpress_python,
                        log=print if first else lambda line: None)

@@ -66,3 +66,29 @@ def test_a_result_from_a_modified_tree_says_so(monkeypatch):
     assert provenance.commit() == "abc123+modified"
     answers["status"] = ""
     assert provenance.commit() == "abc123"
+
+
+def test_capacity_runs_the_largest_batch_each_cache_fits(tmp_path):
+    """Throughput at a memory cap (evals/capacity.py): one sequence's cache measured (the dynamic cache extrapolated
+    to its longest), the batch the cap over it, mixed-length prompts sampled."""
+    from momentkv.evals.capacity import format_table as capacity_table, mixed_prompts, run_capacity
+
+    model = build_tiny("llama", tmp_path)
+    one_token = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x heads x dim x fp32
+    cap = 3 * one_token * (40 + 24)
+    result = run_capacity(model, [cap, one_token], prompt_len=40, new_tokens=24, budgets=[4],
+                          systems=["full-dynamic", "full-static-compiled", "momentkv-eager"], max_batch=8,
+                          log=lambda line: None)
+    rows = {(row["system"], row["cap_bytes"]): row for row in result["rows"]}
+    dynamic, static = rows["full-dynamic", cap], rows["full-static-compiled", cap]
+    # the dynamic cache holds every token but the last generated; the static one allocates their slots
+    assert (dynamic["sequence_bytes"], static["sequence_bytes"]) == (one_token * (40 + 23), one_token * (40 + 24))
+    assert dynamic["batch"] == static["batch"] == 3 and dynamic["tokens_per_second"] > 0
+    assert dynamic["cache_bytes"] <= cap and static["cache_bytes"] == cap
+    budgeted = rows["momentkv-eager", cap]
+    assert budgeted["batch"] == min(8, cap // budgeted["sequence_bytes"]) and budgeted["cache_bytes"] <= cap
+    assert budgeted["batch_capped"] == (cap // budgeted["sequence_bytes"] > 8)
+    assert rows["full-dynamic", one_token]["fits"] == 0 and "no sequence fits" in capacity_table(result)
+    ids, mask = mixed_prompts(6, 40, 96)
+    assert len(set(mask.sum(1).tolist())) > 1 and (ids[mask == 0] == 0).all() and mask[:, -1].all()
+    assert not hasattr(model, "_momentkv")

@@ -1,0 +1,128 @@
+"""Throughput at a KV memory cap: what a fixed-size cache buys a server is more sequences in flight on the same memory.
+
+For each cap (the memory set aside for keys and values), each system runs the largest batch whose cache fits it:
+one sequence's cache is measured (a full cache's at its longest, prompt plus every generated token; momentkv's,
+fixed), and the batch is the cap over it. The batch is a serving mix: prompts of mixed lengths (half to all of
+``prompt_len`` tokens, left-padded), sampled (temperature 0.7, top-p 0.95). Reported per row: the batch, the
+cache it holds, aggregate generated tokens per second, time per step (median and 99th percentile) and the
+process's peak resident memory. ``momentkv bench --kv-caps ...`` runs it.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from statistics import median, quantiles
+from typing import Any
+
+import torch
+from transformers import StaticCache, StoppingCriteriaList
+
+import momentkv
+from momentkv.evals.fidelity import SAMPLING
+from momentkv.patching import GENERATE_CACHE_ARG
+
+from .bench import _compile_config
+from .provenance import versions
+from .step_timer import StepTimer, kv_bytes
+
+SYSTEMS = ("full-dynamic", "full-static-compiled", "momentkv-eager", "momentkv-compiled")
+MiB = 2**20
+
+
+def mixed_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of ``prompt_len // 2`` to ``prompt_len`` tokens, left-padded to ``prompt_len``."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(prompt_len // 2, prompt_len + 1, (batch,), generator=generator)
+    ids = torch.randint(10, vocab, (batch, prompt_len), generator=generator)
+    mask = (torch.arange(prompt_len)[None] >= prompt_len - lengths[:, None]).long()
+    return ids * mask, mask
+
+
+def _generate(system: str, model, ids, mask, new_tokens: int, timer: StepTimer | None = None,
+              cache_len: int | None = None, compiled: bool = True, **sampling):
+    """One generation by ``system`` (momentkv's when the model is patched); returns the cache it held. A static
+    cache holds ``cache_len`` tokens (default: the prompt and ``new_tokens``); ``compiled=False`` runs a compiled
+    system eagerly (to measure its cache, not its speed)."""
+    criteria = StoppingCriteriaList([timer] if timer else [])
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  pad_token_id=0, stopping_criteria=criteria, return_dict_in_generate=True, **sampling)
+    compile_options = ({"compile_config": _compile_config("default")} if compiled and system.endswith("compiled")
+                       else {"disable_compile": True})
+    if system.startswith("momentkv"):
+        model.generate(**kwargs, **compile_options)
+        return momentkv.state_of(model).cache
+    generate = type(model).generate.__get__(model)  # transformers' own, past momentkv's
+    if system == "full-static-compiled":
+        cache = StaticCache(config=model.config, max_cache_len=cache_len or ids.shape[1] + new_tokens)
+        generate(**kwargs, **{GENERATE_CACHE_ARG: cache}, **compile_options)
+        return cache
+    return getattr(generate(**kwargs, **compile_options), GENERATE_CACHE_ARG)
+
+
+def cache_bytes(system: str, cache) -> int:
+    """What a cache holds: momentkv's every buffer (slots, scores, moments), a full cache its keys and values."""
+    return cache.nbytes() if system.startswith("momentkv") else kv_bytes(cache)
+
+
+def sequence_bytes(system: str, model, prompt_len: int, new_tokens: int) -> int:
+    """One sequence's cache at its largest, measured: a dynamic cache grows by the same bytes per token, so two short
+    generations give it at ``prompt_len + new_tokens`` tokens; a static cache and momentkv's are allocated whole."""
+    ids, mask = mixed_prompts(1, prompt_len, model.config.vocab_size)
+    mask = torch.ones_like(mask)
+    if system != "full-dynamic":
+        return cache_bytes(system, _generate(system, model, ids, mask, 2, cache_len=prompt_len + new_tokens,
+                                             compiled=False, do_sample=False))
+    short, long = (cache_bytes(system, _generate(system, model, ids, mask, n, do_sample=False)) for n in (2, 10))
+    return short + (long - short) // 8 * (new_tokens - 2)
+
+
+def run_row(system: str, model, batch: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+    ids, mask = mixed_prompts(batch, prompt_len, model.config.vocab_size)
+    # compile what the row compiles (the decode step, the fused CPU kernels) at its shapes before timing it
+    _generate(system, model, ids, mask, 4, cache_len=prompt_len + new_tokens, **SAMPLING)
+    timer = StepTimer(ids.device)
+    torch.manual_seed(0)
+    cache = _generate(system, model, ids, mask, new_tokens, timer, **SAMPLING)
+    steps = [b - a for a, b in zip(timer.times, timer.times[1:])]
+    return dict(batch=batch, cache_bytes=cache_bytes(system, cache),
+                tokens_per_second=batch * len(steps) / (timer.times[-1] - timer.times[0]),
+                step_ms_median=1e3 * median(steps), step_ms_p99=1e3 * quantiles(steps, n=100)[98],
+                rss_peak_bytes=timer.rss_peak)
+
+
+def run_capacity(model, caps: list[int], prompt_len: int, new_tokens: int, budgets: list[int], systems: list[str],
+                 max_batch: int, log=print) -> dict[str, Any]:
+    """Every system at every cap (bytes), momentkv at every budget; rows in the order run."""
+    found = versions()  # before measuring: the code that runs is the code recorded
+    rows = []
+    runs = [(s, None) for s in systems if not s.startswith("momentkv")]
+    runs += [(s, b) for b in budgets for s in systems if s.startswith("momentkv")]
+    for system, budget in runs:
+        with momentkv.patched(model, budget=budget) if budget else nullcontext():
+            per_sequence = sequence_bytes(system, model, prompt_len, new_tokens)
+            for cap in caps:
+                fits = cap // per_sequence
+                row = dict(system=system, budget=budget, cap_bytes=cap, sequence_bytes=per_sequence,
+                           fits=fits, batch_capped=fits > max_batch)
+                if fits:
+                    row.update(run_row(system, model, min(fits, max_batch), prompt_len, new_tokens))
+                rows.append(row)
+                log(format_row(row))
+    return dict(model=model.config.model_type, dtype=str(model.dtype), threads=torch.get_num_threads(),
+                prompt_len=prompt_len, new_tokens=new_tokens, max_batch=max_batch, versions=found, rows=rows)
+
+
+def format_row(row: dict) -> str:
+    name = row["system"] + (f" budget {row['budget']}" if row["budget"] else "")
+    head = f"{row['cap_bytes'] / MiB:,.0f} MiB | {name} | {row['sequence_bytes'] / MiB:.1f} MiB"
+    if not row["fits"]:
+        return f"| {head} | no sequence fits | | | | |"
+    batch = f"{row['batch']}" + (f" (of {row['fits']})" if row["batch_capped"] else "")
+    return (f"| {head} | {batch} | {row['cache_bytes'] / MiB:,.0f} MiB | {row['tokens_per_second']:.1f} | "
+            f"{row['step_ms_median']:.0f} / {row['step_ms_p99']:.0f} | {row['rss_peak_bytes'] / MiB:,.0f} MiB |")
+
+
+def format_table(result: dict) -> str:
+    lines = ["| KV cap | system | one sequence | batch | cache | tokens/s (all rows) | step ms median / p99 | peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    return "\n".join(lines + [format_row(row) for row in result["rows"]])
