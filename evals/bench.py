@@ -325,12 +325,14 @@ def _run_capacity(args: argparse.Namespace, parser: argparse.ArgumentParser, mod
         caps = _sizes(args.kv_caps)
     except ValueError as error:
         parser.error(str(error))
+    def save(result: dict) -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+
     result = run_capacity(model, caps, args.prompt_len, ints(args.lengths)[0], ints(args.budgets), systems,
-                          args.max_batch)
+                          args.max_batch, save=save)
     print(capacity_table(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
     return 0
 
 

@@ -91,10 +91,13 @@ def run_row(system: str, model, batch: int, prompt_len: int, new_tokens: int) ->
 
 
 def run_capacity(model, caps: list[int], prompt_len: int, new_tokens: int, budgets: list[int], systems: list[str],
-                 max_batch: int, log=print) -> dict[str, Any]:
-    """Every system at every cap (bytes), momentkv at every budget; rows in the order run."""
+                 max_batch: int, log=print, save=lambda result: None) -> dict[str, Any]:
+    """Every system at every cap (bytes), momentkv at every budget; rows in the order run. ``save`` is given the
+    result after every row (a long run stopped early keeps what it measured)."""
     found = versions()  # before measuring: the code that runs is the code recorded
-    rows = []
+    rows: list[dict] = []
+    result = dict(model=model.config.model_type, dtype=str(model.dtype), threads=torch.get_num_threads(),
+                  prompt_len=prompt_len, new_tokens=new_tokens, max_batch=max_batch, versions=found, rows=rows)
     runs = [(s, None) for s in systems if not s.startswith("momentkv")]
     runs += [(s, b) for b in budgets for s in systems if s.startswith("momentkv")]
     for system, budget in runs:
@@ -108,8 +111,8 @@ def run_capacity(model, caps: list[int], prompt_len: int, new_tokens: int, budge
                     row.update(run_row(system, model, min(fits, max_batch), prompt_len, new_tokens))
                 rows.append(row)
                 log(format_row(row))
-    return dict(model=model.config.model_type, dtype=str(model.dtype), threads=torch.get_num_threads(),
-                prompt_len=prompt_len, new_tokens=new_tokens, max_batch=max_batch, versions=found, rows=rows)
+                save(result)
+    return result
 
 
 def format_row(row: dict) -> str:

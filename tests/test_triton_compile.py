@@ -52,13 +52,16 @@ def check_decode_attention(dtype, head_dim):
     f32 = {name: "*fp32" for name in ("LOGITS", "PART_M", "PART_L", "PART_ACC", "N", "MU_K", "MU_V", "COM",
                                       "FINAL_M", "FINAL_L", "MEAN_LOGIT", "IMP", "NORM", "SINKS", "VRANGE")}
     types = {**f32, "Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "OUT": f"*{t}", "VALID": "*u8", "scale": "fp32",
-             "alpha": "fp32", "moment_weight": "fp32"}
-    compile_for_hopper(attention._split_kernel, types, {**g, "BLOCK": worst["block"], "FP32": worst["fp32"]})
+             "softcap": "fp32", "alpha": "fp32", "moment_weight": "fp32"}
+    capped = head_dim == 256  # the soft cap (Gemma 2: head_dim 256) compiled once per dtype
+    compile_for_hopper(attention._split_kernel, types, {**g, "BLOCK": worst["block"], "FP32": worst["fp32"],
+                                                        "CAPPED": capped})
     for moment_aware in (False, True):
         compile_for_hopper(attention._combine_kernel, types, {**g, "NS_P2": worst["ns_p2"],
                                                               "BLOCK_DV": worst["block_dv"], "CORRECTED": True,
                                                               "MOMENT_AWARE": moment_aware,
-                                                              "HAS_SINKS": moment_aware})  # each variant once
+                                                              "HAS_SINKS": moment_aware,  # each variant once
+                                                              "CAPPED": capped})
         compile_for_hopper(attention._momentum_kernel, types, dict(HKV=1, G=8, BLOCK_G=16,
                                                                    BLOCK=attention.MOMENTUM_BLOCK,
                                                                    MOMENT_AWARE=moment_aware))
@@ -78,10 +81,10 @@ def check_prefill_scores():
     from momentkv.ops import triton_prefill_scores as prefill
 
     types = {"Q": "*bf16", "K": "*bf16", "KEY_VALID": "*u8", "STAT_M": "*fp32", "STAT_L": "*fp32", "DECAY": "*fp32",
-             "IMP": "*fp32", "NORM": "*fp32", "scale": "fp32"}
+             "IMP": "*fp32", "NORM": "*fp32", "scale": "fp32", "softcap": "fp32"}
     meta = dict(HKV=8, G=4, BLOCK_G=16, D=128, BLOCK=prefill.BLOCK_L, FP32=False)
-    compile_for_hopper(prefill._stats_kernel, types, meta)
-    compile_for_hopper(prefill._scores_kernel, types, meta)
+    compile_for_hopper(prefill._stats_kernel, types, {**meta, "CAPPED": False})
+    compile_for_hopper(prefill._scores_kernel, types, {**meta, "CAPPED": True})
 
 
 if __name__ == "__main__":
