@@ -391,7 +391,7 @@ def _cache_for(model: PreTrainedModel, state: PatchState, batch: int, length: in
 # 5.17 and 5.25): compiled with static shapes, every decode step recompiled and hit dynamo's limit, as
 # transformers' own static cache does. Automatically dynamic, the int turns symbolic at its first change:
 # one recompile, then one graph (tests/test_compile.py).
-COUNTED_IN_PYTHON = ("sliding_attention", "chunked_attention")
+COUNTED_IN_PYTHON = ("sliding_attention", "chunked_attention", "hybrid_sliding")
 
 
 def _compile_config(model: PreTrainedModel) -> CompileConfig:
