@@ -122,10 +122,9 @@ def measure(model_type: str, budget: int, prompt: int, contexts: list[int]) -> d
     rows = []
     for context in contexts:
         grows = sum(real_kinds[k] * v["per_token"] * context for k, v in per_kind.items() if k in BUDGETED)
-        other = sum(real_kinds[k] * (v["per_token"] * context + v["fixed"]) for k, v in per_kind.items()
-                    if k not in BUDGETED) + sum(real_kinds[k] * v["fixed"] for k, v in per_kind.items() if k in BUDGETED)
+        total = sum(real_kinds[k] * (v["per_token"] * context + v["fixed"]) for k, v in per_kind.items())
         held = sum(real_kinds[k] * v["momentkv"] for k, v in per_kind.items())
-        rows.append(dict(context=context, full_mib=(grows + other) / MiB, budgeted_share=grows / (grows + other),
+        rows.append(dict(context=context, full_mib=total / MiB, budgeted_share=grows / total,
                          momentkv_mib=held / MiB))
     return dict(model=model_type, exact=exact, layers=dict(real_kinds), hidden_size=real.hidden_size,
                 per_kind=per_kind, rows=rows)
