@@ -32,6 +32,7 @@ from momentkv.patching import GENERATE_CACHE_ARG
 SYSTEMS = ("full-dynamic", "full-static-compiled", "momentkv-eager", "momentkv-compiled", "momentkv-cudagraphs",
            "kvpress-i1", "kvpress-i16")
 
+from .competing_load import competing_load
 from .provenance import versions
 from .step_timer import StepTimer, kv_bytes
 
@@ -104,7 +105,9 @@ def run_system(system: str, model, ids, new_tokens: int, budget: int, kvpress_py
 
 def run_bench(model, model_folder: str, prompt_len: int, lengths: list[int], budgets: list[int],
               batches: list[int], systems: list[str], repeats: int, kvpress_python: str | None,
-              log=print) -> dict[str, Any]:
+              log=print, competing: int = 0) -> dict[str, Any]:
+    """Every system at every batch, length and budget, ``repeats`` times interleaved (warm-ups apart), the timed
+    runs beside ``competing`` busy processes (``evals/competing_load.py``)."""
     torch._dynamo.config.cache_size_limit = 64  # one graph per system and shape, all kept
     device = model.device
     rows = []
@@ -120,20 +123,22 @@ def run_bench(model, model_folder: str, prompt_len: int, lengths: list[int], bud
                         if "compiled" in system or "cudagraphs" in system:
                             run_system(system, model, ids, new_tokens, budget, kvpress_python, model_folder, False)
                     samples: dict[tuple, list[dict]] = {(s, budget): [] for s in block}
-                    for repeat in range(repeats):
-                        for system in block:
-                            result = run_system(system, model, ids, new_tokens, budget, kvpress_python,
-                                                model_folder)
-                            samples[(system, budget)].append(result)
-                            log(f"batch {batch} new {new_tokens} budget {budget} repeat {repeat} {system}: "
-                                + (result.get("error") or f"{result['tokens_per_second']:.1f} tok/s"))
+                    with competing_load(competing):
+                        for repeat in range(repeats):
+                            for system in block:
+                                result = run_system(system, model, ids, new_tokens, budget, kvpress_python,
+                                                    model_folder)
+                                samples[(system, budget)].append(result)
+                                log(f"batch {batch} new {new_tokens} budget {budget} repeat {repeat} {system}: "
+                                    + (result.get("error") or f"{result['tokens_per_second']:.1f} tok/s"))
                 fresh = not full
                 full = full or {(s, None): runs for (s, _), runs in samples.items() if s.startswith("full")}
                 samples.update({(s, budget): runs for (s, _), runs in full.items()})
                 rows.extend(_summarise(samples, batch, prompt_len, new_tokens, budget, full_rows=fresh))
     result = dict(device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
                   threads=torch.get_num_threads(), dtype=str(model.dtype), model=model.config.model_type,
-                  prompt_len=prompt_len, repeats=repeats, versions=versions(), rows=rows)
+                  prompt_len=prompt_len, repeats=repeats, competing_processes=competing, versions=versions(),
+                  rows=rows)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         result.update(world_size=torch.distributed.get_world_size(), per_rank=_per_rank_memory(rows))
     return result
@@ -297,6 +302,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the largest batch whose cache fits, for the first of --lengths tokens, from mixed-length "
                              "sampled prompts")
     parser.add_argument("--max-batch", type=int, default=64, help="with --kv-caps: the largest batch run (CPU time)")
+    parser.add_argument("--competing", type=int, default=0,
+                        help="time every run beside this many busy processes (a loaded machine; warm-ups apart)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.add_argument("--plot", default=None, help="write a tokens/s plot (PNG) to this file")
 
@@ -346,6 +353,10 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(f"--systems: unknown {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
     if distributed() and any(name.startswith("kvpress") for name in systems):
         parser.error("--systems: kvpress runs in its own process, not under torchrun")
+    if args.competing < 0:
+        parser.error(f"--competing must be at least 0 (busy processes), got {args.competing}")
+    if args.competing and args.kv_caps:
+        parser.error("--competing loads the interleaved runs; --kv-caps runs each system once, so not under load")
     try:
         model, folder = bench_model(args.model, args.device)
     except ValueError as error:
@@ -356,7 +367,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         return _run_capacity(args, parser, model, systems, ints)
     result = run_bench(model, folder, args.prompt_len, ints(args.lengths), ints(args.budgets),
                        ints(args.batches), systems, args.repeats, args.kvpress_python,
-                       log=print if first else lambda line: None)
+                       log=print if first else lambda line: None, competing=args.competing)
     if first:
         print(format_table(result))
         for rank, rows in enumerate(result.get("per_rank", [])):

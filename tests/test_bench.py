@@ -12,7 +12,8 @@ def test_bench_measures_every_system_it_can_and_reports_the_rest(tmp_path):
     model = build_tiny("llama", tmp_path)
     result = run_bench(model, str(tmp_path), prompt_len=40, lengths=[48], budgets=[4], batches=[1],
                        systems=["full-dynamic", "momentkv-eager", "kvpress-i1"], repeats=2, kvpress_python=None,
-                       log=lambda line: None)
+                       log=lambda line: None, competing=1)
+    assert result["competing_processes"] == 1
     rows = {row["system"]: row for row in result["rows"]}
     assert rows["kvpress-i1"]["error"] == "no --kvpress-python given"
     full, budgeted = rows["full-dynamic"], rows["momentkv-eager"]
@@ -92,3 +93,31 @@ def test_capacity_runs_the_largest_batch_each_cache_fits(tmp_path):
     ids, mask = mixed_prompts(6, 40, 96)
     assert len(set(mask.sum(1).tolist())) > 1 and (ids[mask == 0] == 0).all() and mask[:, -1].all()
     assert not hasattr(model, "_momentkv")
+
+
+def busy_children() -> set[str]:
+    """This process's children that spin (``evals/competing_load.py``'s)."""
+    import os
+
+    children = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/cmdline") as cmdline:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == os.getpid() and "while True" in cmdline.read():
+                    children.add(pid)
+        except (OSError, IndexError):  # gone meanwhile
+            pass
+    return children
+
+
+def test_competing_load_runs_busy_processes_only_inside():
+    import pytest
+
+    from momentkv.evals.competing_load import competing_load
+
+    with pytest.raises(ValueError, match="competing processes"):
+        with competing_load(-1):
+            pass
+    with competing_load(2):
+        assert len(busy_children()) == 2
+    assert not busy_children(), "the busy processes outlived the measurement"

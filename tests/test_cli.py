@@ -55,3 +55,11 @@ def test_a_zero_default_is_shown(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "which document and question (default: 0)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("options, message", [(["--competing", "-1"], "--competing must be at least 0"),
+                                              (["--competing", "2", "--kv-caps", "1G"], "--kv-caps runs each")])
+def test_bench_refuses_a_load_it_cannot_apply(options, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", *options])
+    assert message in capsys.readouterr().err
