@@ -24,12 +24,20 @@ from .signature import by_name
 # and every step fell back to the eager body. Such a graph is compiled again with horizontal fusion off.
 RETRY_OPTIONS = {"cpp.max_horizontal_fusion_size": 1}
 
+# A loop is split over threads only where aten would split it (its grain, at::internal::GRAIN_SIZE elements).
+# Inductor's default (512) split a batch-1 step's few head loops into ~28 OpenMP barriers a layer, each a wait for
+# the other thread's time slice when other processes share the cores: beside 4 busy processes the step ran 3.7x
+# the full cache's time where this gives 1.4x (docs/results.md, "Under load").
+OPTIONS = {"cpp.min_chunk_size": 32768}
+
 
 def _signature(args: tuple) -> tuple:
-    """What a compiled kernel is specialised on: the non-tensor arguments, each tensor's layout, and the modes
-    (grad, inference, autocast) it was traced under: the checks dynamo's guards would make on each call."""
+    """What a compiled kernel is specialised on: the non-tensor arguments, each tensor's layout, the modes
+    (grad, inference, autocast) it was traced under, the checks dynamo's guards would make on each call, and the
+    threads it may use (inductor writes the count into the C++ unless it is the machine's core count)."""
     layout = tuple([(a.shape, a.stride(), a.dtype, a.is_cpu) if isinstance(a, torch.Tensor) else a for a in args])
-    return layout, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu")
+    modes = torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu")
+    return layout, modes, torch.get_num_threads()
 
 
 def _compile(reference: Callable, args: tuple) -> tuple[Callable, Any]:
@@ -52,9 +60,10 @@ def _compile(reference: Callable, args: tuple) -> tuple[Callable, Any]:
 
     run = traced()
     try:
-        out = run(*args)  # inductor fails while compiling, before the graph runs: nothing is mutated yet
+        with torch._inductor.config.patch(OPTIONS):
+            out = run(*args)  # inductor fails while compiling, before the graph runs: nothing is mutated yet
     except torch._inductor.exc.InductorError:  # see RETRY_OPTIONS
-        with torch._inductor.config.patch(RETRY_OPTIONS):
+        with torch._inductor.config.patch({**OPTIONS, **RETRY_OPTIONS}):
             run = traced()
             out = run(*args)
     positions = [next((i for i, a in enumerate(args) if a is each), None) for each in graph["inputs"]]

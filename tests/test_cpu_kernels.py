@@ -121,3 +121,44 @@ def test_the_step_of_the_defaults_compiles_at_a_models_shape(dtype, layer_scope)
 
 def clone_state(values):
     return {name: values[name].clone() for name in LayerState.__dataclass_fields__}
+
+
+def decode_values(batch=1, slots=577, heads=3, groups=3, dim=64):
+    """A decode step's arguments at SmolLM2's shapes (a 512-token prompt, budget 64), past the budget."""
+    state = LayerState.allocate(batch, heads, slots, dim, dim, torch.float32, torch.float32, torch.device("cpu"))
+    state.valid.fill_(True)
+    state.evictable[..., 4:] = True
+    state.seen.fill_(slots)
+    state.decode_len.fill_(65)
+    settings = step_settings(budget=64, recent_window=64, cap_window=True, moments=True)
+    return named(state, settings, query=torch.randn(batch, heads * groups, dim), scale=0.125)
+
+
+def test_a_small_step_does_not_wait_on_thread_barriers():
+    """At batch 1 the step's loops are too small to share out: each OpenMP worksharing loop ends in a barrier,
+    a wait for the other thread's time slice when other processes share the cores (inductor's default split
+    14 of them into a step; beside 4 busy processes the step then took 3.7x the full cache's time)."""
+    from torch._inductor.utils import run_and_get_cpp_code
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, code = run_and_get_cpp_code(fused("decode_step"), *positional(decode_values()))
+    assert "extern" in code, "no C++ kernel was compiled"
+    assert code.count("#pragma omp for") <= 2, code.count("#pragma omp for")
+
+
+def test_a_kernel_follows_the_thread_count(monkeypatch):
+    """Inductor writes a thread count other than the machine's core count into the C++: a kernel compiled before
+    ``torch.set_num_threads`` would keep the old count, so the count is part of what a kernel is compiled for."""
+    compiled = []
+    original = cpu._compile
+    monkeypatch.setattr(cpu, "_compile", lambda *a: compiled.append(1) or original(*a))
+    kernel, threads = fused("evict"), torch.get_num_threads()
+    try:
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            st, _ = make_state(hq=2, hkv=1, s=6)
+            kernel(*evict_arguments(st, seen=6))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(compiled) == 2
