@@ -62,6 +62,26 @@ def test_rows_never_influence_each_other(tiny_model):
             assert torch.equal(alone[0, -30:], batch[row, -30:]), f"row {row} differs when batched"
 
 
+def test_rows_of_a_serving_sized_batch_decode_as_alone(tiny_model):
+    """The throughput benchmark runs up to 32 rows of mixed lengths (evals/capacity.py). At that batch the fused CPU
+    kernels' loops pass aten's grain and are split over threads (ops/cpu.py: OPTIONS); each row still gets, logit
+    for logit, what it gets alone."""
+    model = tiny_model("qwen2")
+    ids, mask = left_padded_batch(lengths=tuple(range(9, 41)))
+
+    def logits(ids, mask):
+        out = greedy(model, ids, mask, 24, return_dict_in_generate=True, output_logits=True)
+        return out.sequences[:, -24:], torch.stack(out.logits, 1)
+
+    with momentkv.patched(model, budget=3, recent_window=1, prompt_bucket=16):
+        tokens, batch = logits(ids, mask)
+        for row in (0, 17, 31):
+            real = mask[row].bool()
+            alone_tokens, alone = logits(ids[row:row + 1, real], mask[row:row + 1, real])
+            assert torch.equal(alone_tokens[0], tokens[row]), f"row {row}: tokens differ when batched"
+            torch.testing.assert_close(alone[0], batch[row], atol=1e-4, rtol=1e-4, msg=f"row {row} differs batched")
+
+
 def test_a_row_that_is_all_padding_neither_fails_nor_leaks(tiny_model):
     """Documented behaviour: the empty row generates from nothing but its own tokens; others are unaffected."""
     model = tiny_model("llama")
