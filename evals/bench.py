@@ -305,7 +305,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--competing", type=int, default=0,
                         help="time every run beside this many busy processes (a loaded machine; warm-ups apart)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
-    parser.add_argument("--plot", default=None, help="write a tokens/s plot (PNG) to this file")
+    parser.add_argument("--plot", default=None,
+                        help="write a tokens/s plot (PNG) to this file: against generated length, or with --kv-caps "
+                             "against the cap")
 
 
 def _sizes(text: str) -> list[int]:
@@ -320,7 +322,8 @@ def _sizes(text: str) -> list[int]:
 
 def _run_capacity(args: argparse.Namespace, parser: argparse.ArgumentParser, model, systems: list[str],
                   ints) -> int:
-    from .capacity import SYSTEMS as CAPACITY_SYSTEMS, format_table as capacity_table, run_capacity
+    from .capacity import SYSTEMS as CAPACITY_SYSTEMS, format_table as capacity_table, plot as capacity_plot
+    from .capacity import run_capacity
 
     unknown = [name for name in systems if name not in CAPACITY_SYSTEMS]
     if unknown:
@@ -340,6 +343,8 @@ def _run_capacity(args: argparse.Namespace, parser: argparse.ArgumentParser, mod
     result = run_capacity(model, caps, args.prompt_len, ints(args.lengths)[0], ints(args.budgets), systems,
                           args.max_batch, save=save)
     print(capacity_table(result))
+    if args.plot:
+        capacity_plot(result, args.plot)
     return 0
 
 

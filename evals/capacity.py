@@ -129,3 +129,34 @@ def format_table(result: dict) -> str:
     lines = ["| KV cap | system | one sequence | batch | cache | tokens/s (all rows) | step ms median / p99 | peak RSS |",
              "|---|---|---|---|---|---|---|---|"]
     return "\n".join(lines + [format_row(row) for row in result["rows"]])
+
+
+def plot(result: dict, path: str) -> list[str]:
+    """Aggregate tokens/s against the KV cap, one line per system (momentkv per budget), each point labelled with its
+    batch; returns the lines' labels, taken from the rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[str, list[dict]] = {}
+    for row in result["rows"]:
+        if row["fits"]:
+            lines.setdefault(row["system"] + (f", budget {row['budget']}" if row["budget"] else ""), []).append(row)
+    for label, rows in lines.items():
+        caps = [row["cap_bytes"] / MiB for row in rows]
+        ax.plot(caps, [row["tokens_per_second"] for row in rows], marker="o", label=label)
+        for cap, row in zip(caps, rows):
+            ax.annotate(f"{row['batch']}", (cap, row["tokens_per_second"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV memory cap (MiB); each point's batch beside it")
+    ax.set_ylabel("generated tokens/s, all rows")
+    ax.set_title(f"{result['model']} {result['dtype']}, {result['new_tokens']} tokens, {result['threads']} threads, "
+                 f"commit {result['versions'].get('commit', '?')[:7]}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return list(lines)

@@ -72,7 +72,7 @@ def test_a_result_from_a_modified_tree_says_so(monkeypatch):
 def test_capacity_runs_the_largest_batch_each_cache_fits(tmp_path):
     """Throughput at a memory cap (evals/capacity.py): one sequence's cache measured (the dynamic cache extrapolated
     to its longest), the batch the cap over it, mixed-length prompts sampled."""
-    from momentkv.evals.capacity import format_table as capacity_table, mixed_prompts, run_capacity
+    from momentkv.evals.capacity import format_table as capacity_table, mixed_prompts, plot, run_capacity
 
     model = build_tiny("llama", tmp_path)
     one_token = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x heads x dim x fp32
@@ -92,6 +92,9 @@ def test_capacity_runs_the_largest_batch_each_cache_fits(tmp_path):
     assert rows["full-dynamic", one_token]["fits"] == 0 and "no sequence fits" in capacity_table(result)
     ids, mask = mixed_prompts(6, 40, 96)
     assert len(set(mask.sum(1).tolist())) > 1 and (ids[mask == 0] == 0).all() and mask[:, -1].all()
+    assert plot(result, str(tmp_path / "capacity.png")) == ["full-dynamic", "full-static-compiled",
+                                                             "momentkv-eager, budget 4"]
+    assert (tmp_path / "capacity.png").stat().st_size > 0
     assert not hasattr(model, "_momentkv")
 
 
