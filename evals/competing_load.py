@@ -1,8 +1,8 @@
 """A loaded machine on demand: busy processes beside a benchmark, as users' machines rarely are quiet.
 
 ``momentkv bench --competing N`` runs every measurement beside N processes that spin on the CPU, so that the systems
-it interleaves are compared under the same load (issue 39: a step that waits on OpenMP barriers fell far behind
-the full cache there, and a quiet machine never showed it).
+it interleaves are compared under the same load (issue 39: a user saw momentkv fall further behind the full cache
+on a loaded machine than a quiet one shows).
 """
 
 from __future__ import annotations

@@ -25,9 +25,10 @@ from .signature import by_name
 RETRY_OPTIONS = {"cpp.max_horizontal_fusion_size": 1}
 
 # A loop is split over threads only where aten would split it (its grain, at::internal::GRAIN_SIZE elements).
-# Inductor's default (512) split a batch-1 step's few head loops into ~28 OpenMP barriers a layer, each a wait for
-# the other thread's time slice when other processes share the cores: beside 4 busy processes the step ran 3.7x
-# the full cache's time where this gives 1.4x (docs/results.md, "Under load").
+# Inductor's default (512) split a batch-1 step's small head loops into 9-14 worksharing loops a layer, each ending
+# in a barrier, a wait for the other thread's time slice when other processes share the cores; beside 4 busy
+# processes, in one interleaved comparison, the mean step was 3.7x the full cache's with that split and 1.4x with
+# this one (docs/results.md, "Under load": single runs still collapse, for a cause not yet found).
 OPTIONS = {"cpp.min_chunk_size": 32768}
 
 
