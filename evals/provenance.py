@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+OPENMP_SETTINGS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")
+
 
 def commit() -> str:
     """The checked-out commit (``MOMENTKV_COMMIT`` where the tree travels without its git folder), or "unknown";
@@ -25,7 +27,9 @@ def commit() -> str:
 
 
 def versions() -> dict[str, str]:
-    """Python, torch (and its CUDA), transformers, Triton (or "absent"), momentkv, and the commit."""
+    """Python, torch (and its CUDA), transformers, Triton (or "absent"), momentkv, the commit, and the OpenMP
+    settings that change CPU timings where they are set (OMP_WAIT_POLICY=PASSIVE tripled both caches' speed beside
+    busy processes, docs/results.md "Under load")."""
     import transformers
 
     import momentkv
@@ -39,4 +43,5 @@ def versions() -> dict[str, str]:
     except ImportError:
         found["triton"] = "absent"
     found["commit"] = commit()
+    found.update({name: os.environ[name] for name in OPENMP_SETTINGS if name in os.environ})
     return found

@@ -69,6 +69,16 @@ def test_a_result_from_a_modified_tree_says_so(monkeypatch):
     assert provenance.commit() == "abc123"
 
 
+def test_a_result_records_the_openmp_settings_it_ran_under(monkeypatch):
+    """Beside busy processes OMP_WAIT_POLICY=PASSIVE tripled both caches' speed: a timing without it is unreadable."""
+    from momentkv.evals.provenance import versions
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    found = versions()
+    assert found["OMP_WAIT_POLICY"] == "PASSIVE" and "OMP_NUM_THREADS" not in found
+
+
 def test_capacity_runs_the_largest_batch_each_cache_fits(tmp_path):
     """Throughput at a memory cap (evals/capacity.py): one sequence's cache measured (the dynamic cache extrapolated
     to its longest), the batch the cap over it, mixed-length prompts sampled."""
