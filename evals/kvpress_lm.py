@@ -20,8 +20,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .kvpress_generate import PRESSES
-from .lm_eval_adapter import check_compression_ratio, resolve_pretrained
+from .lm_eval_adapter import resolve_pretrained
 from .models import default_device
+from .ratios import check_compression_ratio
 
 WORKER = Path(__file__).with_name("kvpress_generate.py")
 

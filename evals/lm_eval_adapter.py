@@ -31,6 +31,7 @@ from momentkv.presets import PRESETS
 
 from .fidelity import TeacherForcing
 from .models import default_device, smollm2_checkpoint
+from .ratios import check_compression_ratio, prefill_budget
 from .ruler import TASKS as RULER_TASKS, import_quietly
 
 TASKS = Path(__file__).with_name("tasks")
@@ -40,16 +41,6 @@ OPTIONS = {f.name for f in fields(MomentKVConfig)}
 def resolve_pretrained(pretrained: Any) -> Any:
     """"smollm2" names the offline SmolLM2-135M-Instruct checkpoint; anything else is passed through."""
     return str(smollm2_checkpoint()) if pretrained == "smollm2" else pretrained
-
-
-def check_compression_ratio(ratio: Any) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise ValueError(f"compression_ratio must be a number in [0, 1) (the share of the prompt evicted), got {ratio!r}")
-
-
-def kept_tokens(length: int, ratio: float) -> int:
-    """Prompt tokens kept at ``ratio``, as kvpress counts them (``kvpress.utils.compute_n_kept``)."""
-    return max(1, int(length * (1 - ratio)))
 
 
 @register_model("momentkv")
@@ -79,7 +70,7 @@ class MomentKVLM(HFLM):
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
                         **generation_kwargs: Any) -> torch.Tensor:
         if self.compression_ratio is not None:  # this prompt's prefill budget: the model patched anew if it differs
-            kept = max(kept_tokens(context.shape[1], self.compression_ratio), self.momentkv_config.sinks + 1)
+            kept = prefill_budget(context.shape[1], self.compression_ratio, self.momentkv_config.sinks)
             if momentkv.state_of(self.model).config.prefill_budget != kept:
                 config = dataclasses.replace(self.momentkv_config, prefill_budget=kept)
                 momentkv.unpatch(self.model)

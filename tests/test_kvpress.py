@@ -78,7 +78,7 @@ def test_kept_prompt_tokens_are_counted_as_kvpress_counts_them():
     import json
     import subprocess
 
-    from momentkv.evals.lm_eval_adapter import kept_tokens
+    from momentkv.evals.ratios import kept_tokens
 
     grid = [(n, r) for n in (1, 7, 96, 1000, 3977, 4096) for r in (0.0, 0.25, 0.5, 0.75, 0.875, 0.99)]
     code = ("import json, sys; from kvpress.utils import compute_n_kept; "
