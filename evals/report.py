@@ -17,7 +17,8 @@ METRICS = {  # workload -> (metric, better, label)
     "perplexity": (("perplexity", "min", "perplexity"),),
     "retrieval": (("accuracy", "max", "accuracy %"),),
 }
-METRICS.update({f"{name}-sampled": METRICS[name] for name in ("sweep", "long-generation")})
+METRICS.update({f"{name}-sampled": METRICS[name] for name in ("sweep", "long-generation")},
+               **{"long-prompt-ratios": METRICS["long-prompt"]})
 
 
 def _column(key: str) -> str:
@@ -61,6 +62,11 @@ def markdown(results: Results) -> str:
         lines += [f"## {workload}", ""]
         if workload == "retrieval":
             lines.append(f"Column: decode budget/task/context tokens/prefill compression; {settings.get('retrieval_samples')} samples each.")
+        elif workload == "long-prompt-ratios":
+            lines.append("Column: decode budget (the tokens generated: nothing evicted while answering)/kvpress's "
+                         "compression ratio r: each prompt keeps int(its length x (1 - r)) tokens for every method, "
+                         "kvpress's prefill presses run in kvpress 0.5.5's environment. Cache tokens per KV head in "
+                         "parentheses.")
         else:
             lines.append("Column: decode budget (and prefill budget). Cache tokens per KV head in parentheses.")
         lines.append("Bold: best compressed method in the column.")

@@ -28,8 +28,10 @@ import momentkv
 
 from .fidelity import SAMPLING, full_cache_reference, loop_period, rouge_l, sampled_free_run, sampled_reference, stream
 from .kvpress_fidelity import PRESSES, kvpress_rows
+from .kvpress_generate import PRESSES as PREFILL_PRESSES
 from .methods import FULL, METHODS, method
 from .models import cache_home, chat_prompt, load_smollm2, smollm2_checkpoint
+from .ratios import kept_tokens, prefill_budget
 from .workloads import (
     RETRIEVAL_TASKS,
     documents,
@@ -39,26 +41,38 @@ from .workloads import (
     retrieval_score,
 )
 
-KVPRESS = tuple(f"kvpress-{p}" for p in PRESSES)
+# kvpress's presses: its decoding press around each scorer (at a decode budget), and its prefill presses (at a ratio)
+KVPRESS = tuple(f"kvpress-{p}" for p in dict.fromkeys((*PRESSES, *PREFILL_PRESSES)))
 
 
 def is_kvpress(name: str) -> bool:
     return name.startswith("kvpress-")
 
 
+def kvpress_applies(name: str, workload: str, extra: dict[str, Any]) -> bool:
+    """Whether kvpress's press ``name`` has a cell here: a prefill press at a ratio (long prompts), its decoding
+    press at a decode budget (teacher-forced generation)."""
+    press = name.removeprefix("kvpress-")
+    if "ratio" in extra:
+        return press in PREFILL_PRESSES
+    return workload in GENERATION and not extra and press in PRESSES
+
+
 ANSWER_TOKENS = 32  # new tokens generated per retrieval answer
 
-WORKLOADS = ("sweep", "long-generation", "sweep-sampled", "long-generation-sampled", "long-prompt", "perplexity",
-             "retrieval")
+WORKLOADS = ("sweep", "long-generation", "sweep-sampled", "long-generation-sampled", "long-prompt",
+             "long-prompt-ratios", "perplexity", "retrieval")
+GENERATION = ("sweep", "long-generation", "sweep-sampled", "long-generation-sampled")
 # "-sampled": along references sampled from the full cache (fidelity.SAMPLING, a seed per prompt), as users
-# generate long text; the plain workloads go along the full cache's greedy text.
+# generate long text; the plain workloads go along the full cache's greedy text. "long-prompt-ratios": the long
+# prompts at kvpress's compression ratios, each method keeping the same prompt tokens, none evicting after.
 
 
 @dataclass
 class Settings:
     """What a run covers. The defaults are the full evaluation; CI and quick checks shrink them."""
 
-    workloads: tuple[str, ...] = ("long-generation", "long-prompt", "perplexity", "retrieval")
+    workloads: tuple[str, ...] = ("long-generation", "long-prompt", "long-prompt-ratios", "perplexity", "retrieval")
     methods: tuple[str, ...] = ()  # empty: every method
     budgets: tuple[int, ...] = (32, 64, 128, 256)
     prompts: int = 16
@@ -69,6 +83,7 @@ class Settings:
     passage_tokens: int = 2048
     passage_new_tokens: int = 256
     passage_prefill_budgets: tuple[int, ...] = (256,)
+    passage_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 0.875)  # kvpress's leaderboard
     documents: int = 4
     document_tokens: int = 4096
     document_prompt: int = 32
@@ -98,6 +113,8 @@ class Settings:
         for name in ("budgets", "compressions", "passage_prefill_budgets", "retrieval_lengths"):
             if not getattr(self, name) or min(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a non-empty list of ints >= 1, got {getattr(self, name)}")
+        if not self.passage_ratios or any(not 0 < ratio < 1 for ratio in self.passage_ratios):
+            raise ValueError(f"passage_ratios must be numbers in (0, 1), got {self.passage_ratios}")
 
 
 SETTINGS_HELP = {
@@ -110,6 +127,9 @@ SETTINGS_HELP = {
     "passage_tokens": "long-prompt: prompt tokens per passage",
     "passage_new_tokens": "long-prompt: tokens generated per passage",
     "passage_prefill_budgets": "long-prompt: prefill budgets the prompt is compressed to",
+    "passage_ratios": "long-prompt-ratios: kvpress's compression ratios; each prompt keeps int(its length x (1 - ratio)) tokens "
+                      "for every method (kvpress's prefill presses among them), then answers with no eviction "
+                      "(decode budget = passage-new-tokens)",
     "documents": "perplexity: documents streamed",
     "document_tokens": "perplexity: tokens per document",
     "document_prompt": "perplexity: tokens given as the prompt before streaming",
@@ -166,6 +186,19 @@ def _batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def method_configs(name: str, budget: int, extra: dict[str, Any], lengths: list[int]) -> list[tuple[Any, list[int]]]:
+    """The configurations method ``name`` runs prompts of ``lengths`` tokens with, and which prompts each: one, or at
+    a kvpress ratio one per prompt length (each keeping as many prompt tokens as the press would)."""
+    if "ratio" not in extra:
+        return [(method(name).config(budget, **extra), list(range(len(lengths))))]
+    groups: dict[int, list[int]] = {}
+    for row, length in enumerate(lengths):
+        groups.setdefault(length, []).append(row)
+    sinks = method(name).config(budget).sinks
+    return [(method(name).config(budget, prefill_budget=prefill_budget(length, extra["ratio"], sinks)), rows)
+            for length, rows in groups.items()]
+
+
 class Suite:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: Settings,
                  results: Results, model_folder: str, kvpress_python: str | None = None):
@@ -177,20 +210,28 @@ class Suite:
         results.describe(settings, Path(model_folder).name)
 
     def methods(self, workload: str = "") -> list[str]:
-        """Methods to run: kvpress's presses only on teacher-forced generation, where they apply."""
+        """Methods to run: kvpress's presses only on teacher-forced generation and at ratios, where they apply."""
         names = list(self.settings.methods) or [FULL, *METHODS] + (list(KVPRESS) if self.kvpress_python else [])
-        generation = workload in ("sweep", "long-generation", "sweep-sampled", "long-generation-sampled")
-        return [n for n in names if generation or not is_kvpress(n)]
+        return [n for n in names if workload in (*GENERATION, "long-prompt-ratios") or not is_kvpress(n)]
 
-    def _kvpress(self, name: str, budget: int, enc: Any, ref_tokens: Tensor, ref_logprobs: Tensor,
-                 ref_top: Tensor) -> dict[str, Any]:
+    def _kvpress(self, name: str, budget: int, extra: dict[str, Any], enc: Any, ref_tokens: Tensor,
+                 ref_logprobs: Tensor, ref_top: Tensor) -> dict[str, Any]:
         """Teacher-forced fidelity of a kvpress press, in kvpress's own environment (see kvpress_fidelity.py)."""
         prompts = [ids[mask.bool()] for ids, mask in zip(enc.input_ids, enc.attention_mask)]
         rows = kvpress_rows(self.kvpress_python, self.model_folder, name.removeprefix("kvpress-"), budget, prompts,
-                            ref_tokens, ref_logprobs, ref_top)
-        prompt_tokens = sum(len(p) for p in prompts) / len(prompts)
+                            ref_tokens, ref_logprobs, ref_top, ratio=extra.get("ratio"))
         return dict(top1=sum(rows["top1_rows"]) / len(prompts), kl=sum(rows["kl_rows"]) / len(prompts),
-                    cache_tokens=prompt_tokens + budget, **rows)
+                    cache_tokens=self._memory(budget, extra, enc), **rows)
+
+    def _memory(self, budget: int, extra: dict[str, Any], enc: Any) -> float:
+        """Cache tokens per layer and KV head at the end, averaged over the prompts: the prompt slots kept plus the
+        decode budget."""
+        if "prefill_budget" in extra:
+            return extra["prefill_budget"] + budget
+        lengths = enc.attention_mask.sum(-1).tolist()
+        if "ratio" in extra:
+            lengths = [kept_tokens(n, extra["ratio"]) for n in lengths]
+        return sum(lengths) / len(lengths) + budget
 
     # -- generation workloads -------------------------------------------------------------
     def _generation(self, workload: str, texts: list[str], new_tokens: int, free_run: bool,
@@ -211,20 +252,23 @@ class Suite:
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
         # tokens driven along, their log-probabilities, and the full cache's most likely token at each step
-        ref_tokens, ref_logprobs, *top = _cached(workload, (Path(self.model_folder).name, texts, new_tokens)
+        ref_tokens, ref_logprobs, *top = _cached(workload.removesuffix("-ratios"),  # the long prompts' reference
+                                                 (Path(self.model_folder).name, texts, new_tokens)
                                                  + ((SAMPLING, seeds) if sampled else ()), reference)
         ref_top = top[0] if top else ref_tokens
         ref_texts = tok.batch_decode(ref_tokens, skip_special_tokens=True)
         for budget, extra in budgets:
             for name in self.methods(workload):
-                detail = [f"prefill{extra['prefill_budget']}"] if extra else []
+                if is_kvpress(name) and not kvpress_applies(name, workload, extra):
+                    continue
+                detail = ([f"prefill{extra['prefill_budget']}"] if "prefill_budget" in extra
+                          else [f"r{extra['ratio']:g}"] if "ratio" in extra else [])
                 key = cell_key(workload, name, budget, *detail)
                 progress.set_postfix_str(key)
                 if self.results.done(key):
                     progress.update()
                     continue
                 start = time.perf_counter()
-                memory = extra.get("prefill_budget", prompt_tokens) + budget
                 if name == FULL:
                     loops = [loop_period(row) for row in ref_tokens]
                     entry = dict(top1=1.0, kl=0.0, cache_tokens=prompt_tokens + new_tokens,
@@ -232,24 +276,30 @@ class Suite:
                     if free_run:
                         entry["rouge_l"] = 1.0
                 elif is_kvpress(name):
-                    entry = self._kvpress(name, budget, enc, ref_tokens, ref_logprobs, ref_top)
+                    entry = self._kvpress(name, budget, extra, enc, ref_tokens, ref_logprobs, ref_top)
                 else:
-                    agree, kl, rouge = [], [], []
-                    with momentkv.patched(self.model, config=method(name).config(budget, **extra)):
-                        for b in batches:
-                            out = stream(self.model, enc.input_ids[b], enc.attention_mask[b], ref_tokens[b],
-                                         ref_logprobs[b], free_run=free_run and not sampled)
-                            agree.append((out.predicted == ref_top[b]).float().mean(-1))
-                            kl.append(out.kl.mean(-1))
-                            if free_run and not sampled:
-                                free = tok.batch_decode(out.free, skip_special_tokens=True)
-                                rouge += [rouge_l(f, r) for f, r in zip(free, ref_texts[b])]
-                        if free_run and sampled:
-                            free = sampled_free_run(self.model, enc.input_ids, enc.attention_mask, new_tokens, seeds)
-                            rouge = [rouge_l(f, r) for f, r in zip(tok.batch_decode(free, skip_special_tokens=True),
-                                                                    ref_texts)]
-                    agree_rows, kl_rows = torch.cat(agree), torch.cat(kl)
-                    entry = dict(top1=agree_rows.mean().item(), kl=kl_rows.mean().item(), cache_tokens=memory,
+                    rows = len(texts)
+                    agree_rows, kl_rows, rouge = torch.zeros(rows), torch.zeros(rows), [0.0] * rows
+                    lengths = enc.attention_mask.sum(-1).tolist()
+                    for config, group in method_configs(name, budget, extra, lengths):
+                        with momentkv.patched(self.model, config=config):
+                            for b in _batches(len(group), s.batch):
+                                index = torch.tensor(group[b])
+                                out = stream(self.model, enc.input_ids[index], enc.attention_mask[index],
+                                             ref_tokens[index], ref_logprobs[index], free_run=free_run and not sampled)
+                                agree_rows[index] = (out.predicted == ref_top[index]).float().mean(-1)
+                                kl_rows[index] = out.kl.mean(-1)
+                                if free_run and not sampled:
+                                    for row, free in zip(group[b], tok.batch_decode(out.free, skip_special_tokens=True)):
+                                        rouge[row] = rouge_l(free, ref_texts[row])
+                            if free_run and sampled:
+                                index = torch.tensor(group)
+                                free = sampled_free_run(self.model, enc.input_ids[index], enc.attention_mask[index],
+                                                        new_tokens, [seeds[row] for row in group])
+                                for row, text in zip(group, tok.batch_decode(free, skip_special_tokens=True)):
+                                    rouge[row] = rouge_l(text, ref_texts[row])
+                    entry = dict(top1=agree_rows.mean().item(), kl=kl_rows.mean().item(),
+                                 cache_tokens=self._memory(budget, extra, enc),
                                  top1_rows=agree_rows.tolist(), kl_rows=kl_rows.tolist())
                     if free_run:
                         entry.update(rouge_l=sum(rouge) / len(rouge), rouge_l_rows=rouge)
@@ -340,6 +390,7 @@ class Suite:
         return {"sweep": len(s.budgets) * m, "long-generation": len(s.budgets) * m,
                 "sweep-sampled": len(s.budgets) * m, "long-generation-sampled": len(s.budgets) * m,
                 "long-prompt": len(s.budgets) * m * (1 + len(s.passage_prefill_budgets)),
+                "long-prompt-ratios": len(s.passage_ratios) * m,
                 "perplexity": len(s.budgets) * m,
                 "retrieval": len(s.retrieval_tasks) * len(s.retrieval_lengths) * len(s.compressions) * m}[workload]
 
@@ -353,10 +404,11 @@ class Suite:
                 elif workload in ("long-generation", "long-generation-sampled"):
                     texts = self._chat(long_answer_requests("eval", s.prompts))
                     self._generation(workload, texts, s.new_tokens, True, [(b, {}) for b in s.budgets], progress)
-                elif workload == "long-prompt":
+                elif workload in ("long-prompt", "long-prompt-ratios"):
                     texts = self._chat(passage_requests(self.tokenizer, s.passages, s.passage_tokens))
-                    grid = [(b, extra) for b in s.budgets
-                            for extra in [{}] + [dict(prefill_budget=p) for p in s.passage_prefill_budgets]]
+                    grid = ([(b, extra) for b in s.budgets
+                             for extra in [{}] + [dict(prefill_budget=p) for p in s.passage_prefill_budgets]]
+                            if workload == "long-prompt" else [(s.passage_new_tokens, dict(ratio=r)) for r in s.passage_ratios])
                     self._generation(workload, texts, s.passage_new_tokens, True, grid, progress)
                 elif workload == "perplexity":
                     self._perplexity(progress)
@@ -369,6 +421,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Settings()
     words = lambda text: tuple(x for x in text.split(",") if x)  # noqa: E731
     ints = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
+    floats = lambda text: tuple(float(x) for x in text.split(",") if x)  # noqa: E731
+    kinds = {"str": words, "int": ints, "float": floats}  # a tuple field's item type, from its annotation
     parser.epilog = (f"workloads: {', '.join(WORKLOADS)}. methods: {FULL} (the reference), {', '.join(METHODS)}; "
                      "each is described in evals/methods.py and docs/results.md. The default run takes "
                      "hours on a CPU; --workloads, --methods and --budgets narrow it.")
@@ -377,12 +431,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workloads", type=words, default=",".join(defaults.workloads),
                         help=f"comma-separated, of {', '.join(WORKLOADS)}")
     parser.add_argument("--methods", type=words, default="", help="comma-separated method names; empty: every one")
-    for name, value in vars(defaults).items():
+    for field in fields(Settings):
+        name, value = field.name, getattr(defaults, field.name)
         if name in ("workloads", "methods"):
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, tuple):
-            parser.add_argument(flag, type=words if isinstance(value[0], str) else ints,
+            parser.add_argument(flag, type=kinds[field.type.removeprefix("tuple[").split(",")[0]],
                                 default=",".join(map(str, value)),  # argparse parses a string default
                                 help=f"{SETTINGS_HELP[name]}, comma-separated")
         else:

@@ -110,6 +110,31 @@ def test_settings_are_checked():
         Settings(methods=("nope",)).check()
     with pytest.raises(SystemExit):
         cli(["eval", "--budgets", "0", "--report-only"])
+    for ratios in ((0.5, 1.0), ()):
+        with pytest.raises(ValueError, match="passage_ratios must be numbers in \\(0, 1\\)"):
+            Settings(passage_ratios=ratios).check()
+
+
+def test_ratio_options_parse_as_numbers():
+    import argparse
+
+    from momentkv.evals.suite import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--passage-ratios", "0.25,0.875"]).passage_ratios == (0.25, 0.875)
+    assert parser.parse_args([]).passage_ratios == (0.25, 0.5, 0.75, 0.875)
+    assert parser.parse_args([]).budgets == (32, 64, 128, 256)
+
+
+def test_at_a_ratio_each_prompt_length_gets_the_prefill_budget_the_press_keeps():
+    from momentkv.evals.suite import method_configs
+
+    groups = method_configs("momentkv-open", 256, dict(ratio=0.5), [40, 33, 40])
+    assert [(config.prefill_budget, config.budget, rows) for config, rows in groups] == [(20, 256, [0, 2]),
+                                                                                       (16, 256, [1])]
+    [(config, rows)] = method_configs("momentkv-open", 32, dict(prefill_budget=64), [40, 33])
+    assert (config.prefill_budget, rows) == (64, [0, 1])
 
 
 def test_report_skips_metrics_a_method_lacks(tmp_path):
@@ -130,10 +155,10 @@ def test_report_skips_metrics_a_method_lacks(tmp_path):
 
 
 SMALL = Settings(workloads=("sweep", "long-generation", "sweep-sampled", "long-generation-sampled", "long-prompt",
-                            "perplexity", "retrieval"),
+                            "long-prompt-ratios", "perplexity", "retrieval"),
                  methods=("full", "momentkv", "streamingllm"), budgets=(4, 64), prompts=2, new_tokens=12,
                  sweep_prompts=2, sweep_tokens=8, passages=1, passage_tokens=256, passage_new_tokens=8,
-                 passage_prefill_budgets=(64,), documents=2, document_tokens=48, document_prompt=16,
+                 passage_prefill_budgets=(64,), passage_ratios=(0.75,), documents=2, document_tokens=48, document_prompt=16,
                  retrieval_lengths=(256,), retrieval_samples=2, retrieval_tasks=("niah_single",),
                  compressions=(2,), retrieval_budget=32, batch=2)
 
@@ -166,6 +191,10 @@ def test_small_run_of_every_workload_is_complete_resumable_and_reported(tmp_path
     assert cells["perplexity/streamingllm/4"]["perplexity"] > cells["perplexity/full/4"]["perplexity"]
     assert cells["long-generation/momentkv/4"]["cache_tokens"] == cells["long-generation/streamingllm/4"]["cache_tokens"]
     assert cells["long-prompt/momentkv/4/prefill64"]["cache_tokens"] == 68
+    # At kvpress's ratio 0.75 the prompt keeps a quarter of its tokens and answers without eviction (decode budget 8).
+    prompt = cells["long-prompt-ratios/full/8/r0.75"]["cache_tokens"] - 8
+    assert cells["long-prompt-ratios/momentkv/8/r0.75"]["cache_tokens"] == int(prompt * 0.25) + 8
+    assert cells["long-prompt-ratios/momentkv/8/r0.75"]["kl"] > 1e-4
     assert 0.0 <= cells["retrieval/momentkv/32/niah_single/256/x2"]["accuracy"] <= 1.0
     # Resuming recomputes nothing.
     before = (tmp_path / "fidelity.json").read_text()

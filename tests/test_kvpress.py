@@ -71,6 +71,30 @@ def test_a_budget_beyond_the_generation_is_the_full_cache(reference):
 def test_unknown_press_is_refused_before_running():
     with pytest.raises(ValueError, match="press: unknown 'nope'"):
         kvpress_rows(KVPRESS_PYTHON, "unused", "nope", BUDGET, [], torch.zeros(0), torch.zeros(0), torch.zeros(0))
+    with pytest.raises(ValueError, match="press: unknown 'streamingllm-ordered' prefill press"):
+        kvpress_rows(KVPRESS_PYTHON, "unused", "streamingllm-ordered", BUDGET, [], torch.zeros(0), torch.zeros(0),
+                     torch.zeros(0), ratio=0.5)
+
+
+@needs_kvpress
+def test_a_prefill_press_at_a_ratio_equals_momentkv_keeping_the_same_prompt_tokens(tmp_path):
+    """Teacher-forced along the full cache's text, kvpress's StreamingLLM compressing each 32-token prompt at ratio
+    0.5 and momentkv's streamingllm with the prefill budget the suite gives it at that ratio (nothing evicted
+    after: decode budget = the tokens generated) keep the same tokens, so they agree to float precision."""
+    from momentkv.evals.suite import method_configs
+
+    model = build_tiny("llama", tmp_path)
+    ids, mask = left_padded_batch((32, 32), seed=2)
+    tokens, logprobs = full_cache_reference(model, ids, mask, NEW_TOKENS)
+    [(config, rows)] = method_configs("streamingllm", NEW_TOKENS, dict(ratio=0.5), [32, 32])
+    assert config.prefill_budget == 16 and rows == [0, 1]
+    with momentkv.patched(model, config=config):
+        ours = stream(model, ids, mask, tokens, logprobs)
+    theirs = kvpress_rows(KVPRESS_PYTHON, str(tmp_path), "streamingllm", NEW_TOKENS, list(ids), tokens, logprobs,
+                          tokens, ratio=0.5)
+    assert ours.agree.float().mean(-1).tolist() == pytest.approx(theirs["top1_rows"])
+    assert ours.kl.mean(-1).tolist() == pytest.approx(theirs["kl_rows"], rel=1e-4, abs=1e-6)
+    assert min(theirs["kl_rows"]) > 1e-4  # the compression does change the answer
 
 
 @needs_kvpress
