@@ -31,6 +31,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (  # (name, module, help), in the o
      "a long generation with a small budget: memory flat, every number finite"),
     ("eval", "momentkv.evals.suite",
      "fidelity of every method against the full cache on SmolLM2, offline"),
+    ("figures", "momentkv.evals.figures",
+     "every committed table and figure rebuilt from its result (results/ by default)"),
     ("models", "momentkv.evals.architectures",
      "patch a tiny model of every causal-LM architecture of the installed transformers: exact or refused (writes "
      "docs/models.md)"),

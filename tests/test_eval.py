@@ -238,3 +238,30 @@ def test_the_headline_labels_the_default_from_the_configuration():
 
     assert momentkv_label("momentkv-open", 64) == "momentkv, prompt tokens compete (default)"
     assert momentkv_label("momentkv", 64) == "momentkv, prompt kept"
+
+
+def test_figures_rebuilds_what_each_result_produces_and_nothing_else(tmp_path):
+    """One command rewrites every table and figure from the results: a suite file its report and headline, a RULER
+    file its tables, a benchmark its committed picture; a benchmark with no picture and other JSON are left alone."""
+    from momentkv.cli import main as momentkv
+
+    results = Results(tmp_path / "eval" / "fidelity.json")
+    for name, kl in (("full", 0.0), ("momentkv-open", 0.1), ("momentkv", 0.3)):
+        results.add(f"long-generation/{name}/32", dict(top1=1 - kl, kl=kl, rouge_l=1 - kl, cache_tokens=80, budget=32))
+    (tmp_path / "eval" / "ruler.json").write_text(json.dumps({"limit": 1, "cells": {
+        "full/1024/x1/ruler_vt": dict(score=0.5, samples="s"), "momentkv/1024/x4/ruler_vt": dict(score=0.25, samples="s")}}))
+    capacity = dict(model="m", dtype="float32", threads=2, prompt_len=8, new_tokens=8, max_batch=4, versions={},
+                    rows=[dict(system="full-dynamic", budget=None, fits=True, cap_bytes=2 ** 20, batch=2,
+                               tokens_per_second=10.0)])
+    (tmp_path / "capacity.json").write_text(json.dumps(capacity))
+    (tmp_path / "capacity.png").write_bytes(b"stale")
+    (tmp_path / "unplotted.json").write_text(json.dumps(capacity))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert momentkv(["figures", "--results", str(tmp_path)]) == 0
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {"eval/fidelity.json", "eval/fidelity.md", "eval/fidelity-headline.png",
+                       "eval/fidelity-long-generation-top1.png", "eval/fidelity-long-generation-kl.png",
+                       "eval/fidelity-long-generation-rouge_l.png", "eval/ruler.json", "eval/ruler.md",
+                       "capacity.json", "capacity.png", "unplotted.json", "list.json"}
+    assert (tmp_path / "capacity.png").read_bytes().startswith(b"\x89PNG")
+    assert "| momentkv | 0.25 (50%) | 0.250 |" in (tmp_path / "eval" / "ruler.md").read_text()
