@@ -62,14 +62,15 @@ def _press(name: str, target_size: int):
 
 def main(args: dict) -> dict:
     torch.set_num_threads(args.get("threads", torch.get_num_threads()))
-    fidelity = _beside("fidelity")
+    fidelity, presses = _beside("fidelity"), _beside("kvpress_generate")
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32).eval()
     data = torch.load(args["inputs"])
     top1, kl = [], []
     for prompt, reference, logprobs, top in zip(data["prompts"], data["reference"], data["logprobs"], data["top"]):
         ids = prompt[None]
         press = (_press(args["press"], ids.shape[1] + args["budget"]) if args.get("ratio") is None
-                 else _beside("kvpress_generate").make_press(args["press"], args["ratio"]))
+                 else presses.make_press(args["press"], args["ratio"]))
+        press = presses.sliding_layers_kept(press)
         with press(model):
             out = fidelity.stream(model, ids, torch.ones_like(ids), reference[None], logprobs[None])
         top1.append((out.predicted[0] == top).float().mean().item())

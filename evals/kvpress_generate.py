@@ -39,6 +39,19 @@ def make_press(name: str, compression_ratio: float) -> Any:
     return kvpress.AdaKVPress(press=press) if name != scorer else press
 
 
+def sliding_layers_kept(press: Any) -> Any:
+    """``press`` leaving layers with a sliding window alone: kvpress does so for Gemma 3 in its multimodal class
+    (base_press.py) but hooks every layer of the text-only one, whose sliding layers keep a window cache of their
+    own. momentkv budgets the full-attention layers only, so both compress the same layers."""
+    hook = press.forward_hook
+
+    def forward_hook(module: Any, args: Any, kwargs: dict, output: Any) -> Any:
+        return output if getattr(module, "is_sliding", False) else hook(module, args, kwargs, output)
+
+    press.forward_hook = forward_hook
+    return press
+
+
 def generate(model: Any, tokenizer: Any, press: Any, request: dict) -> list[list[int]]:
     """One request: greedy generation under ``press``, stopping at lm-eval's stop strings."""
     kwargs = dict(request["kwargs"])
@@ -60,7 +73,7 @@ def main(args: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=getattr(torch, args["dtype"]))
     model = model.to(args["device"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(args["model"])
-    press = make_press(args["press"], args["compression_ratio"])
+    press = sliding_layers_kept(make_press(args["press"], args["compression_ratio"]))
     for line in sys.stdin:
         print(json.dumps({"ids": generate(model, tokenizer, press, json.loads(line))}), flush=True)
 

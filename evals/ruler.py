@@ -30,7 +30,7 @@ from momentkv import MomentKVConfig
 
 from .intervals import bootstrap_mean, paired_difference
 from .kvpress_generate import PRESSES
-from .models import default_device, smollm2_checkpoint
+from .models import DEFAULT_MODEL, OFFLINE_MODELS, checkpoint, default_device, offline_model
 from .provenance import versions
 
 TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
@@ -90,13 +90,13 @@ def import_quietly() -> None:
 
 
 @functools.cache
-def warm_up() -> None:
+def warm_up(model: str = DEFAULT_MODEL) -> None:
     """Build one small RULER task, once per process (see :func:`_fresh_task_modules`)."""
     from lm_eval.tasks import TaskManager
 
     import_quietly()
     _fresh_task_modules()
-    metadata = {"max_seq_lengths": [1024], "tokenizer": str(smollm2_checkpoint())}
+    metadata = {"max_seq_lengths": [1024], "tokenizer": str(checkpoint(model))}
     TaskManager(metadata=metadata).load_task_or_group(["niah_single_1"])
 
 
@@ -112,7 +112,8 @@ def _fresh_task_modules() -> None:
         del sys.modules[name]
 
 
-def language_model(method: str, length: int, compression: str, batch: int, kvpress_python: str | None = None) -> Any:
+def language_model(method: str, length: int, compression: str, batch: int, kvpress_python: str | None = None,
+                   model: str = DEFAULT_MODEL) -> Any:
     """lm-eval's model for ``method`` at ``compression`` ("x4": a prefill budget of ``length / 4``; "r0.75":
     kvpress's ratio, batch 1): stock HF for the full cache, ``kvpress`` for a press, else ``momentkv`` with the
     decode budget."""
@@ -123,20 +124,20 @@ def language_model(method: str, length: int, compression: str, batch: int, kvpre
 
     common = dict(dtype="float32", device=default_device())
     if method in KVPRESS:
-        return KVPressLM(pretrained="smollm2", press=KVPRESS[method], compression_ratio=float(compression[1:]),
+        return KVPressLM(pretrained=model, press=KVPRESS[method], compression_ratio=float(compression[1:]),
                          python=kvpress_python, **common)
     options = METHODS[method]
     if options is None:
-        return HFLM(pretrained=str(smollm2_checkpoint()), batch_size=batch, **common)
+        return HFLM(pretrained=str(checkpoint(model)), batch_size=batch, **common)
     if compression.startswith("r"):
-        return MomentKVLM(pretrained="smollm2", batch_size=1, budget=DECODE_BUDGET,
+        return MomentKVLM(pretrained=model, batch_size=1, budget=DECODE_BUDGET,
                           compression_ratio=float(compression[1:]), **options, **common)
-    return MomentKVLM(pretrained="smollm2", batch_size=batch, budget=DECODE_BUDGET,
+    return MomentKVLM(pretrained=model, batch_size=batch, budget=DECODE_BUDGET,
                       prefill_budget=length // int(compression[1:]), **options, **common)
 
 
 def evaluate(method: str, length: int, compression: str, tasks: list[str], limit: int, batch: int,
-             kvpress_python: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+             kvpress_python: str | None = None, model: str = DEFAULT_MODEL) -> Iterator[tuple[str, dict[str, Any]]]:
     """Score (the fraction of answers found), each sample's score and a digest of the samples, task by task, for
     one cell.
 
@@ -146,14 +147,14 @@ def evaluate(method: str, length: int, compression: str, tasks: list[str], limit
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = language_model(method, length, compression, batch, kvpress_python)
-    metadata = {"max_seq_lengths": [length], "tokenizer": str(smollm2_checkpoint())}
-    warm_up()
+    lm = language_model(method, length, compression, batch, kvpress_python, model)
+    metadata = {"max_seq_lengths": [length], "tokenizer": str(checkpoint(model))}
+    warm_up(model)
     for task in tasks:
         _fresh_task_modules()
         manager = TaskManager(metadata=metadata)
         out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
-                                      apply_chat_template=True, log_samples=True)
+                                      apply_chat_template=lm.tokenizer.chat_template is not None, log_samples=True)
         docs = json.dumps([s["doc"] for s in out["samples"][task]], sort_keys=True, default=str)
         yield task, dict(score=float(out["results"][task][f"{length},none"]),
                          scores=[float(s[str(length)]) for s in out["samples"][task]],
@@ -185,18 +186,21 @@ def compressions_of(method: str, compressions: list[str]) -> list[str]:
 
 
 def run(path: Path, methods: list[str], lengths: list[int], compressions: list[str], tasks: list[str], limit: int,
-        batch: int, kvpress_python: str | None = None) -> dict[str, Any]:
-    """Run every missing cell (the full cache once per length), saving after each task."""
-    data = json.loads(path.read_text()) if path.exists() else {"limit": limit, "cells": {}}
+        batch: int, kvpress_python: str | None = None, model: str = DEFAULT_MODEL) -> dict[str, Any]:
+    """Run every missing cell (the full cache once per length), saving after each task. A file holds one model's
+    cells (files from before the model was recorded are SmolLM2's)."""
+    data = json.loads(path.read_text()) if path.exists() else {"limit": limit, "model": model, "cells": {}}
     if data["limit"] != limit:
         raise ValueError(f"limit must match the file's ({data['limit']}) to extend it, got {limit}")
+    if data.get("model", DEFAULT_MODEL) != model:
+        raise ValueError(f"{path} holds cells of {data.get('model', 'smollm2')}, not {model}: give another --out")
     for length in lengths:
         for method in methods:
             for compression in compressions_of(method, compressions):
                 todo = [t for t in tasks if cell_key(method, length, compression, t) not in data["cells"]]
                 if not todo:
                     continue
-                for task, found in evaluate(method, length, compression, todo, limit, batch, kvpress_python):
+                for task, found in evaluate(method, length, compression, todo, limit, batch, kvpress_python, model):
                     data["cells"][cell_key(method, length, compression, task)] = dict(**found, **versions())
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(data, indent=1))
@@ -209,7 +213,8 @@ def markdown(data: dict[str, Any]) -> str:
     tasks = [t for t in TASKS if any(key.endswith("/" + t) for key in cells)]
     runs = sorted({tuple(key.split("/")[1:3]) for key in cells if not key.startswith("full/") and "/x" in key},
                   key=lambda lc: (int(lc[0]), int(lc[1][1:])))
-    lines = [f"# lm-eval RULER (SmolLM2-135M-Instruct, {data['limit']} samples per task)", "",
+    name = offline_model(data.get("model", DEFAULT_MODEL)).checkpoint
+    lines = [f"# lm-eval RULER ({name}, {data['limit']} samples per task)", "",
              "Score: fraction of the answers found (lm-eval's RULER metric); in parentheses, the share of the full "
              f"cache's score. Decode budget {DECODE_BUDGET} for every method.", ""]
     for length, compression in runs:
@@ -341,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     known = [*METHODS, *KVPRESS]
     parser.add_argument("--out", type=Path, default=Path("results/eval/ruler.json"))
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=list(OFFLINE_MODELS),
+                        help="the offline model (evals/models.py); a file holds one model's cells")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(known)}")
     parser.add_argument("--lengths", default="4096", help="context lengths in tokens, comma-separated")
     parser.add_argument("--compressions", help="prefill budget = length / each, comma-separated (default 4, unless "
@@ -367,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--ratios: kvpress-* methods run at kvpress's compression ratios only; give --ratios")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     data = run(args.out, methods, [int(x) for x in args.lengths.split(",")], compressions, tasks, args.limit,
-               args.batch, args.kvpress_python)
+               args.batch, args.kvpress_python, args.model)
     args.out.with_suffix(".md").write_text(markdown(data))
     print(markdown(data))
 

@@ -30,7 +30,8 @@ from .fidelity import SAMPLING, full_cache_reference, loop_period, rouge_l, samp
 from .kvpress_fidelity import PRESSES, kvpress_rows
 from .kvpress_generate import PRESSES as PREFILL_PRESSES
 from .methods import FULL, METHODS, method
-from .models import cache_home, chat_prompt, load_smollm2, smollm2_checkpoint
+from .models import DEFAULT_MODEL, OFFLINE_MODELS, cache_home, chat_prompt, checkpoint, load
+from .provenance import versions
 from .ratios import kept_tokens, prefill_budget
 from .workloads import (
     RETRIEVAL_TASKS,
@@ -153,13 +154,17 @@ class Results:
         return key in self.data["cells"]
 
     def add(self, key: str, entry: dict[str, Any]) -> None:
-        self.data["cells"][key] = entry
+        """Keep a finished cell, with the versions and commit that ran it, and write the file at once."""
+        self.data["cells"][key] = {**entry, **versions()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         staging = self.path.with_suffix(".tmp")
         staging.write_text(json.dumps(self.data, indent=1))
         os.replace(staging, self.path)
 
     def describe(self, settings: Settings, model_name: str) -> None:
+        known = self.data.get("environment", {}).get("model", model_name)
+        if known != model_name:
+            raise ValueError(f"{self.path} holds cells of {known}, not {model_name}: give another --out")
         self.data["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
         self.data["environment"] = dict(model=model_name, torch=torch.__version__, python=platform.python_version(),
                                         threads=torch.get_num_threads(), machine=platform.machine())
@@ -428,6 +433,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "hours on a CPU; --workloads, --methods and --budgets narrow it.")
     parser.add_argument("--out", default="results/eval/fidelity.json",
                         help="results JSON; an existing file is resumed (finished cells are skipped)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=list(OFFLINE_MODELS),
+                        help="the offline model (evals/models.py); a results file holds one model's cells")
     parser.add_argument("--workloads", type=words, default=",".join(defaults.workloads),
                         help=f"comma-separated, of {', '.join(WORKLOADS)}")
     parser.add_argument("--methods", type=words, default="", help="comma-separated method names; empty: every one")
@@ -459,9 +466,9 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     results = Results(Path(args.out))
     if not args.report_only:
         torch.manual_seed(0)
-        model, tokenizer = load_smollm2()
+        model, tokenizer = load(args.model)
         try:
-            suite = Suite(model, tokenizer, settings, results, str(smollm2_checkpoint()), args.kvpress_python)
+            suite = Suite(model, tokenizer, settings, results, str(checkpoint(args.model)), args.kvpress_python)
         except ValueError as error:
             parser.error(str(error))
         suite.run()

@@ -115,6 +115,16 @@ def test_settings_are_checked():
             Settings(passage_ratios=ratios).check()
 
 
+def test_a_results_file_holds_one_models_cells(tmp_path):
+    results = Results(tmp_path / "fidelity.json")
+    results.describe(Settings(), "SmolLM2-135M-Instruct")
+    results.add("sweep/full/32", dict(top1=1.0, kl=0.0, cache_tokens=64, budget=32))
+    results.describe(Settings(), "SmolLM2-135M-Instruct")  # resuming the same model
+    assert {"commit", "torch", "transformers"} <= set(results.data["cells"]["sweep/full/32"])  # what ran the cell
+    with pytest.raises(ValueError, match="holds cells of SmolLM2-135M-Instruct, not gemma-3-270m: give another --out"):
+        Results(tmp_path / "fidelity.json").describe(Settings(), "gemma-3-270m")
+
+
 def test_ratio_options_parse_as_numbers():
     import argparse
 

@@ -77,13 +77,16 @@ def test_unknown_press_is_refused_before_running():
 
 
 @needs_kvpress
-def test_a_prefill_press_at_a_ratio_equals_momentkv_keeping_the_same_prompt_tokens(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_prefill_press_at_a_ratio_equals_momentkv_keeping_the_same_prompt_tokens(tmp_path, arch):
     """Teacher-forced along the full cache's text, kvpress's StreamingLLM compressing each 32-token prompt at ratio
     0.5 and momentkv's streamingllm with the prefill budget the suite gives it at that ratio (nothing evicted
-    after: decode budget = the tokens generated) keep the same tokens, so they agree to float precision."""
+    after: decode budget = the tokens generated) keep the same tokens, so they agree to float precision. On Gemma 3
+    both compress the full-attention layers alone (kvpress's hooks skip the sliding ones, as kvpress does for its
+    multimodal Gemma 3 class)."""
     from momentkv.evals.suite import method_configs
 
-    model = build_tiny("llama", tmp_path)
+    model = build_tiny(arch, tmp_path)
     ids, mask = left_padded_batch((32, 32), seed=2)
     tokens, logprobs = full_cache_reference(model, ids, mask, NEW_TOKENS)
     [(config, rows)] = method_configs("streamingllm", NEW_TOKENS, dict(ratio=0.5), [32, 32])

@@ -11,7 +11,7 @@ from momentkv.evals import ruler
 def fake(monkeypatch):
     calls = []
 
-    def evaluate(method, length, compression, tasks, limit, batch, kvpress_python=None):
+    def evaluate(method, length, compression, tasks, limit, batch, kvpress_python=None, model="smollm2"):
         calls.append((method, length, compression, tuple(tasks)))
         score = {"full": 0.8, "momentkv": 0.6}.get(method, 0.2)
         return ((t, dict(score=score, samples="same")) for t in tasks)
@@ -31,6 +31,8 @@ def test_cells_resume_and_the_full_cache_runs_once_per_length(tmp_path, fake):
                         ("streamingllm", 1024, "x4", tuple(tasks + ["ruler_cwe"]))]
     with pytest.raises(ValueError, match="limit must match"):
         ruler.run(path, ["full"], [1024], ["x4"], tasks, 8, 1)
+    with pytest.raises(ValueError, match="holds cells of smollm2, not gemma3-270m: give another --out"):
+        ruler.run(path, ["full"], [1024], ["x4"], tasks, 2, 1, model="gemma3-270m")
 
 
 def test_kvpress_presses_run_at_ratios_only_and_momentkv_at_both(tmp_path, fake):
@@ -107,7 +109,7 @@ def test_unknown_method_or_task_is_refused():
 def test_an_interrupted_cell_keeps_the_tasks_it_finished(tmp_path, monkeypatch):
     import json
 
-    def evaluate(method, length, compression, tasks, limit, batch, kvpress_python=None):
+    def evaluate(method, length, compression, tasks, limit, batch, kvpress_python=None, model="smollm2"):
         yield tasks[0], dict(score=1.0, samples="s")
         raise KeyboardInterrupt
 
