@@ -92,10 +92,37 @@ def markdown(results: Results) -> str:
                         text = f"**{text}**"
                     row.append(f"{text} ({entry['cache_tokens']:.0f})")
                 lines.append(f"| {name} | " + " | ".join(row) + " |")
+            if workload == "long-prompt-ratios":
+                lines += against_best_press(methods, columns, cells, metric, better)
             lines.append("")
         if workload.removesuffix("-sampled") in ("sweep", "long-generation"):
             lines += per_prompt(workload, methods, columns, cells)
     return "\n".join(lines)
+
+
+def is_default(name: str, budget: int) -> bool:
+    """Whether method ``name`` runs momentkv's default configuration at ``budget``."""
+    return name != "full" and not name.startswith("kvpress-") and method(name).config(budget) == MomentKVConfig(budget)
+
+
+def against_best_press(methods: list[str], columns: list[str], cells: dict, metric: str, better: str) -> list[str]:
+    """Two rows under a table at kvpress's ratios: the best kvpress press per column, and momentkv's default as a
+    share of it (its value over the press's)."""
+    presses = [m for m in methods if m.startswith("kvpress-")]
+    pick = max if better == "max" else min
+    best, share = [], []
+    for column in columns:
+        scored = [(cells[(m, column)][metric], m) for m in presses if metric in cells.get((m, column), {})]
+        default = [cells[(m, column)][metric] for m in methods if (m, column) in cells and metric in cells[(m, column)]
+                   and is_default(m, int(column.split("/")[0]))]
+        if not scored:
+            best.append("—"), share.append("—")
+            continue
+        value, name = pick(scored)
+        best.append(f"{name} {_format(metric, value)}")
+        share.append(f"{default[0] / value:.2f}x" if default and value else "—")
+    return ["| best kvpress press | " + " | ".join(best) + " |",
+            "| the default / best press | " + " | ".join(share) + " |"]
 
 
 def per_prompt(workload: str, methods: list[str], columns: list[str], cells: dict) -> list[str]:

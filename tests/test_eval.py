@@ -275,3 +275,15 @@ def test_figures_rebuilds_what_each_result_produces_and_nothing_else(tmp_path):
                        "capacity.json", "capacity.png", "unplotted.json", "list.json"}
     assert (tmp_path / "capacity.png").read_bytes().startswith(b"\x89PNG")
     assert "| momentkv | 0.25 (50%) | 0.250 |" in (tmp_path / "eval" / "ruler.md").read_text()
+
+
+def test_ratio_tables_name_the_best_press_and_the_defaults_share_of_it(tmp_path):
+    from momentkv.evals.report import markdown
+
+    results = Results(tmp_path / "r.json")
+    for name, kl in (("full", 0.0), ("momentkv-open-carry10", 0.05), ("momentkv-open", 0.04), ("kvpress-snapkv", 0.2),
+                     ("kvpress-tova", 0.1)):
+        results.add(f"long-prompt-ratios/{name}/256/r0.75", dict(top1=1 - kl, kl=kl, cache_tokens=779, budget=256))
+    kl = markdown(results).split("**KL**")[1].split("**ROUGE-L**")[0]
+    assert "| best kvpress press | kvpress-tova 0.100 |" in kl
+    assert "| the default / best press | 0.50x |" in kl  # momentkv-open-carry10 is the default, momentkv-open is not
