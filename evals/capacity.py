@@ -115,9 +115,13 @@ def run_capacity(model, caps: list[int], prompt_len: int, new_tokens: int, budge
     return result
 
 
+def system_label(row: dict) -> str:
+    """A row's system as the table and the plot name it: "momentkv-eager, budget 64", "full-dynamic"."""
+    return row["system"] + (f", budget {row['budget']}" if row["budget"] else "")
+
+
 def format_row(row: dict) -> str:
-    name = row["system"] + (f" budget {row['budget']}" if row["budget"] else "")
-    head = f"{row['cap_bytes'] / MiB:,.0f} MiB | {name} | {row['sequence_bytes'] / MiB:.1f} MiB"
+    head = f"{row['cap_bytes'] / MiB:,.0f} MiB | {system_label(row)} | {row['sequence_bytes'] / MiB:.1f} MiB"
     if not row["fits"]:
         return f"| {head} | no sequence fits | | | | |"
     batch = f"{row['batch']}" + (f" (of {row['fits']})" if row["batch_capped"] else "")
@@ -143,7 +147,7 @@ def plot(result: dict, path: str) -> list[str]:
     lines: dict[str, list[dict]] = {}
     for row in result["rows"]:
         if row["fits"]:
-            lines.setdefault(row["system"] + (f", budget {row['budget']}" if row["budget"] else ""), []).append(row)
+            lines.setdefault(system_label(row), []).append(row)
     for label, rows in lines.items():
         caps = [row["cap_bytes"] / MiB for row in rows]
         ax.plot(caps, [row["tokens_per_second"] for row in rows], marker="o", label=label)
