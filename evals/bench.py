@@ -39,6 +39,14 @@ from .step_timer import StepTimer, kv_bytes
 _COMPILE_CONFIGS: dict[str, CompileConfig] = {}
 
 
+def compile_mode(system: str, device: torch.device) -> str | None:
+    """How ``system`` is compiled: CUDA graphs ("reduce-overhead") for momentkv-cudagraphs and, on CUDA, for the
+    static cache (transformers' own default for it); inductor alone for the other compiled systems."""
+    if system == "momentkv-cudagraphs" or (system == "full-static-compiled" and device.type == "cuda"):
+        return "reduce-overhead"
+    return "default" if system.endswith("compiled") else None
+
+
 def _compile_config(mode: str) -> CompileConfig:
     """One config object per mode: transformers keeps its compiled call while the config is the same object."""
     if mode not in _COMPILE_CONFIGS:
@@ -84,14 +92,12 @@ def run_system(system: str, model, ids, new_tokens: int, budget: int, kvpress_py
         result = dict(kv_bytes=kv_bytes(getattr(out, GENERATE_CACHE_ARG)))
     elif system == "full-static-compiled":
         cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
         _generate(model, ids, tokens, timer, full_cache=True, **{GENERATE_CACHE_ARG: cache},
-                  compile_config=_compile_config(mode))
+                  compile_config=_compile_config(compile_mode(system, device)))
         result = dict(kv_bytes=kv_bytes(cache))
     else:
-        mode = {"momentkv-eager": None, "momentkv-compiled": "default", "momentkv-cudagraphs": "reduce-overhead"}
-        compile_mode = mode[system]
-        extra = {"compile_config": _compile_config(compile_mode)} if compile_mode else {"disable_compile": True}
+        mode = compile_mode(system, device)
+        extra = {"compile_config": _compile_config(mode)} if mode else {"disable_compile": True}
         _generate(model, ids, tokens, timer, **extra)
         cache = momentkv.state_of(model).cache
         layers = cache.budgeted_layers

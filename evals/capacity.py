@@ -21,11 +21,11 @@ import momentkv
 from momentkv.evals.fidelity import SAMPLING
 from momentkv.patching import GENERATE_CACHE_ARG
 
-from .bench import _compile_config
+from .bench import _compile_config, compile_mode
 from .provenance import versions
 from .step_timer import StepTimer, kv_bytes
 
-SYSTEMS = ("full-dynamic", "full-static-compiled", "momentkv-eager", "momentkv-compiled")
+SYSTEMS = ("full-dynamic", "full-static-compiled", "momentkv-eager", "momentkv-compiled", "momentkv-cudagraphs")
 MiB = 2**20
 
 
@@ -46,8 +46,8 @@ def _generate(system: str, model, ids, mask, new_tokens: int, timer: StepTimer |
     criteria = StoppingCriteriaList([timer] if timer else [])
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                   pad_token_id=0, stopping_criteria=criteria, return_dict_in_generate=True, **sampling)
-    compile_options = ({"compile_config": _compile_config("default")} if compiled and system.endswith("compiled")
-                       else {"disable_compile": True})
+    mode = compile_mode(system, ids.device)
+    compile_options = {"compile_config": _compile_config(mode)} if compiled and mode else {"disable_compile": True}
     if system.startswith("momentkv"):
         model.generate(**kwargs, **compile_options)
         return momentkv.state_of(model).cache

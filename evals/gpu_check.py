@@ -54,6 +54,11 @@ class Sizes:
     e2e_lengths: tuple[int, ...]  # generated tokens, in the order tried
     e2e_batches: tuple[int, ...]
     e2e_repeats: int
+    cap_bytes: int  # capacity: the KV memory cap
+    cap_prompt: int
+    cap_budgets: tuple[int, ...]
+    cap_tokens: tuple[int, ...]  # capacity: generated tokens, in the order tried
+    cap_max_batch: int
     long_dtypes: tuple[str, ...]
     long_budget: int
     long_max_tokens: int
@@ -62,17 +67,20 @@ class Sizes:
 GPU = Sizes(budget_s=480, dtypes=("float16", "bfloat16"), groups=(1, 4, 8), head_dims=(64, 128, 256),
             kernel_slots=1100, graph_steps=200, bench_keys=(1024, 4096, 16384, 32768), bench_batches=(1, 8),
             e2e_model="llama-3.1-8b-random", e2e_prompt=1024, e2e_budgets=(1024, 256), e2e_lengths=(1024, 4096, 16384),
-            e2e_batches=(1, 8), e2e_repeats=3, long_dtypes=("float16", "bfloat16"), long_budget=256,
+            e2e_batches=(1, 8), e2e_repeats=3, cap_bytes=16 << 30, cap_prompt=1024, cap_budgets=(1024,),
+            cap_tokens=(1024, 8192), cap_max_batch=128, long_dtypes=("float16", "bfloat16"), long_budget=256,
             long_max_tokens=100_000)
 QUICK = replace(GPU, budget_s=240, groups=(1, 8), head_dims=(128, 256), bench_keys=(4096, 32768), bench_batches=(1,),
-                e2e_lengths=(1024, 4096), e2e_batches=(1,))
+                e2e_lengths=(1024, 4096), e2e_batches=(1,), cap_tokens=(1024,))
 TINY = Sizes(budget_s=300, dtypes=("float32",), groups=(1, 2), head_dims=(16,), kernel_slots=40, graph_steps=20,
              bench_keys=(64, 128), bench_batches=(1,), e2e_model="tiny", e2e_prompt=16, e2e_budgets=(8,),
-             e2e_lengths=(24, 48), e2e_batches=(1, 2), e2e_repeats=2, long_dtypes=("float32",), long_budget=8,
+             e2e_lengths=(24, 48), e2e_batches=(1, 2), e2e_repeats=2, cap_bytes=1 << 20, cap_prompt=16,
+             cap_budgets=(8,), cap_tokens=(24, 48), cap_max_batch=8, long_dtypes=("float32",), long_budget=8,
              long_max_tokens=400)
 
 # Each stage's weight in the time budget (see the module docstring).
-WEIGHTS = {"environment": 1, "kernels": 20, "cuda-graphs": 15, "kernel-bench": 10, "end-to-end": 40, "long-run": 14}
+WEIGHTS = {"environment": 1, "kernels": 20, "cuda-graphs": 15, "kernel-bench": 10, "end-to-end": 30, "capacity": 25,
+           "long-run": 10}
 
 
 @dataclass
@@ -339,6 +347,39 @@ def end_to_end(ctx: Context, until: float) -> dict[str, Any]:
     return dict(model=sizes.e2e_model, dtype=str(model.dtype), blocks=blocks, skipped=skipped)
 
 
+def capacity_stage(ctx: Context, until: float) -> dict[str, Any]:
+    """Throughput at a KV memory cap (issue 39): each system at the largest batch whose cache fits the cap, the full
+    static cache compiled (CUDA graphs on CUDA) against momentkv with CUDA graphs at each budget, Llama-3.1-8B's
+    shapes in bf16 (random weights). Generated lengths in the order given, each tried only if the last one's time
+    scaled by the tokens fits what is left; what did not fit is listed."""
+    from .capacity import run_capacity
+    from .long_run import random_llama
+    from .models import bench_model
+
+    sizes, device = ctx.sizes, ctx.device
+    if sizes.e2e_model == "tiny":
+        model = random_llama(torch.float32, device.type, max_positions=sizes.cap_prompt + max(sizes.cap_tokens) + 64)
+    else:
+        model, _ = bench_model(sizes.e2e_model, device.type)
+    mine = "momentkv-cudagraphs" if device.type == "cuda" else "momentkv-compiled"
+    runs, skipped, last = [], [], None  # last: (tokens, seconds) of the previous length
+    for tokens in sizes.cap_tokens:
+        estimate = last[1] * tokens / last[0] if last else 0.0
+        if last and time.perf_counter() + estimate > until:
+            skipped.append(dict(new_tokens=tokens, estimated_seconds=round(estimate, 1)))
+            continue
+        started = time.perf_counter()
+        result = run_capacity(model, [sizes.cap_bytes], sizes.cap_prompt, tokens, list(sizes.cap_budgets),
+                              ["full-static-compiled", mine], sizes.cap_max_batch, log=lambda line: None)
+        last = (tokens, time.perf_counter() - started)
+        full = next(r for r in result["rows"] if r["system"] == "full-static-compiled")
+        for row in result["rows"]:
+            if row["system"] != "full-static-compiled" and row["fits"] and full["fits"]:
+                row["throughput_vs_full"] = row["tokens_per_second"] / full["tokens_per_second"]
+        runs.append(result)
+    return dict(model=sizes.e2e_model, cap_bytes=sizes.cap_bytes, runs=runs, skipped=skipped)
+
+
 def long_run_stage(ctx: Context, until: float) -> dict[str, Any]:
     """A long generation per dtype with a small budget, as long as the remaining time allows: every score and
     moment finite, memory flat after the warm-up."""
@@ -361,7 +402,7 @@ def long_run_stage(ctx: Context, until: float) -> dict[str, Any]:
 
 STAGES: dict[str, Callable[[Context, float], dict[str, Any]]] = {
     "environment": environment, "kernels": kernels, "cuda-graphs": cuda_graphs, "kernel-bench": kernel_bench,
-    "end-to-end": end_to_end, "long-run": long_run_stage,
+    "end-to-end": end_to_end, "capacity": capacity_stage, "long-run": long_run_stage,
 }
 
 
@@ -412,6 +453,15 @@ def summary_lines(records: list[dict[str, Any]]) -> list[str]:
                 text += f"\n{'':16s}{block['new_tokens']} tokens, batch {block['batch']}: momentkv/full {ratios}"
             if result["skipped"]:
                 text += f"\n{'':16s}skipped {len(result['skipped'])} blocks for time"
+        elif record["stage"] == "capacity" and result:
+            from .capacity import system_label
+
+            for run in result["runs"]:
+                rows = ", ".join(f"{system_label(row)}: batch {row.get('batch', 0)}, {row.get('tokens_per_second', 0):.0f} "
+                                 "tokens/s" for row in run["rows"])
+                text += f"\n{'':16s}{run['new_tokens']} tokens, cap {result['cap_bytes'] / 2**30:.3g} GiB: {rows}"
+            if result["skipped"]:
+                text += f"\n{'':16s}skipped {', '.join(str(s['new_tokens']) for s in result['skipped'])} tokens for time"
         elif record["stage"] == "long-run" and result:
             text += "  " + ", ".join(f"{r['dtype']} {r['tokens']} tokens finite={r['finite']}" for r in result["runs"])
         lines.append(text)

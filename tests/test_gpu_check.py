@@ -34,8 +34,11 @@ def test_cpu_smoke_runs_every_stage(tmp_path):
     blocks = records["end-to-end"]["result"]["blocks"]
     assert blocks and all("speed_vs_full_static_compiled" in row for block in blocks
                           for name, row in block["systems"].items() if name != "full-static-compiled")
+    capacity = records["capacity"]["result"]["runs"]
+    assert capacity and all("throughput_vs_full" in row for run in capacity for row in run["rows"]
+                            if row["system"] != "full-static-compiled")
     assert all(r["finite"] for r in records["long-run"]["result"]["runs"])
-    assert "gpu-check on" in done.stdout and "end-to-end" in done.stdout
+    assert "gpu-check on" in done.stdout and "end-to-end" in done.stdout and "tokens, cap 0.000977 GiB" in done.stdout
 
 
 def test_a_failing_stage_is_recorded_and_the_next_runs(tmp_path, monkeypatch):
