@@ -34,7 +34,7 @@ SYSTEMS = ("full-dynamic", "full-static-compiled", "momentkv-eager", "momentkv-c
 
 from .competing_load import competing_load
 from .provenance import versions
-from .step_timer import StepTimer, kv_bytes
+from .step_timer import StepTimer, held_bytes, kv_bytes
 
 _COMPILE_CONFIGS: dict[str, CompileConfig] = {}
 
@@ -102,7 +102,7 @@ def run_system(system: str, model, ids, new_tokens: int, budget: int, kvpress_py
         cache = momentkv.state_of(model).cache
         layers = cache.budgeted_layers
         result = dict(kv_bytes=sum(layer.keys.nbytes + layer.values.nbytes for layer in layers),
-                      cache_bytes=cache.nbytes())
+                      cache_bytes=held_bytes(cache))
     result.update(timer.summary(batch))
     if device.type == "cuda":
         result["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)

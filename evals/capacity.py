@@ -23,7 +23,7 @@ from momentkv.patching import GENERATE_CACHE_ARG
 
 from .bench import _compile_config, compile_mode
 from .provenance import versions
-from .step_timer import StepTimer, kv_bytes
+from .step_timer import StepTimer, held_bytes
 
 SYSTEMS = ("full-dynamic", "full-static-compiled", "momentkv-eager", "momentkv-compiled", "momentkv-cudagraphs")
 MiB = 2**20
@@ -59,20 +59,22 @@ def _generate(system: str, model, ids, mask, new_tokens: int, timer: StepTimer |
     return getattr(generate(**kwargs, **compile_options), GENERATE_CACHE_ARG)
 
 
-def cache_bytes(system: str, cache) -> int:
-    """What a cache holds: momentkv's every buffer (slots, scores, moments), a full cache its keys and values."""
-    return cache.nbytes() if system.startswith("momentkv") else kv_bytes(cache)
-
-
 def sequence_bytes(system: str, model, prompt_len: int, new_tokens: int) -> int:
-    """One sequence's cache at its largest, measured: a dynamic cache grows by the same bytes per token, so two short
-    generations give it at ``prompt_len + new_tokens`` tokens; a static cache and momentkv's are allocated whole."""
+    """One sequence's cache at its largest, measured, every layer counted (``held_bytes``): a dynamic cache grows by
+    the same bytes per token once its sliding layers are full, so two short generations after a prompt at least a
+    window long give it at ``prompt_len + new_tokens`` tokens; a static cache and momentkv's are allocated whole."""
     ids, mask = mixed_prompts(1, prompt_len, model.config.vocab_size)
     mask = torch.ones_like(mask)
     if system != "full-dynamic":
-        return cache_bytes(system, _generate(system, model, ids, mask, 2, cache_len=prompt_len + new_tokens,
-                                             compiled=False, do_sample=False))
-    short, long = (cache_bytes(system, _generate(system, model, ids, mask, n, do_sample=False)) for n in (2, 10))
+        return held_bytes(_generate(system, model, ids, mask, 2, cache_len=prompt_len + new_tokens, compiled=False,
+                                    do_sample=False))
+    text = model.config.get_text_config(decoder=True)
+    sliding = "sliding_attention" in (getattr(text, "layer_types", None) or ())
+    window = getattr(text, "sliding_window", None) if sliding else None
+    if window and window > prompt_len:  # its sliding layers would still grow between the two, then stop
+        raise ValueError(f"prompt_len must be at least the model's sliding window ({window}) to size its dynamic cache, "
+                         f"got {prompt_len}")
+    short, long = (held_bytes(_generate(system, model, ids, mask, n, do_sample=False)) for n in (2, 10))
     return short + (long - short) // 8 * (new_tokens - 2)
 
 
@@ -84,7 +86,7 @@ def run_row(system: str, model, batch: int, prompt_len: int, new_tokens: int) ->
     torch.manual_seed(0)
     cache = _generate(system, model, ids, mask, new_tokens, timer, **SAMPLING)
     steps = [b - a for a, b in zip(timer.times, timer.times[1:])]
-    return dict(batch=batch, cache_bytes=cache_bytes(system, cache),
+    return dict(batch=batch, cache_bytes=held_bytes(cache),
                 tokens_per_second=batch * len(steps) / (timer.times[-1] - timer.times[0]),
                 step_ms_median=1e3 * median(steps), step_ms_p99=1e3 * quantiles(steps, n=100)[98],
                 rss_peak_bytes=timer.rss_peak)

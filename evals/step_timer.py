@@ -51,6 +51,15 @@ def step_curve(steps: list[float]) -> list[list[float]]:
     return [[end, 1e3 * median(steps[end - max(16, end // 8):end])] for end in points if end >= 16]
 
 
+def held_bytes(cache) -> int:
+    """Bytes every layer of a cache holds: a momentkv budgeted layer its buffers (slots, scores, moments), any other
+    layer (transformers' own: full, sliding-window, linear-attention) every tensor it keeps, scalar counters aside.
+    In a hybrid model the budget governs only the first kind; the rest is memory all the same."""
+    return sum(layer.nbytes() if hasattr(layer, "nbytes") else
+               sum(t.numel() * t.element_size() for t in vars(layer).values() if isinstance(t, torch.Tensor) and t.dim())
+               for layer in cache.layers)
+
+
 def kv_bytes(cache) -> int:
     """Bytes of the keys and values a transformers cache holds."""
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import momentkv
 from conftest import build_tiny
 from momentkv.evals.bench import _crossover, format_table, run_bench
@@ -135,3 +137,19 @@ def test_competing_load_runs_busy_processes_only_inside():
     with competing_load(2):
         assert len(busy_children()) == 2
     assert not busy_children(), "the busy processes outlived the measurement"
+
+
+def test_a_hybrid_models_cache_counts_every_layer(tmp_path):
+    """At a cap, momentkv's sequence holds its budgeted layers' buffers and the sliding layers transformers keeps
+    (Gemma 3: the budget governs the full-attention layer alone); the dynamic cache's size is refused where its
+    sliding layers would still be growing."""
+    from momentkv.evals.capacity import sequence_bytes
+
+    model = build_tiny("gemma3", tmp_path)  # two sliding layers over 6 tokens, one full
+    with momentkv.patched(model, budget=8):
+        held = sequence_bytes("momentkv-eager", model, 40, 24)
+        budgeted = momentkv.state_of(model).cache.nbytes()
+    sliding = 2 * 2 * (1 * 2 * 6 * 16 * 4)  # layers x (keys, values) x (batch, KV heads, window, head dim, fp32)
+    assert held >= budgeted + sliding
+    with pytest.raises(ValueError, match="prompt_len must be at least the model's sliding window \\(6\\)"):
+        sequence_bytes("full-dynamic", model, 4, 24)
