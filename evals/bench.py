@@ -288,8 +288,8 @@ def plot(result: dict[str, Any], path: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``momentkv bench``'s options."""
     parser.add_argument("--model", default="smollm2",
-                        help="smollm2 (the real SmolLM2-135M, offline), llama-3.1-8b-random (Llama-3.1-8B's shapes, "
-                             "random weights) or a checkpoint folder; under torchrun the model is sharded by heads "
+                        help="smollm2 or gemma3-270m (the real SmolLM2-135M or Gemma 3 270M, offline), "
+                             "llama-3.1-8b-random (Llama-3.1-8B's shapes, random weights) or a checkpoint folder; under torchrun the model is sharded by heads "
                              "(tensor parallelism) and every rank's memory is reported")
     parser.add_argument("--device", default=None, help="cuda or cpu; unset: cuda when available")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (random ids)")

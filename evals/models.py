@@ -138,7 +138,7 @@ def default_device(device: str | None = None) -> str:
 def bench_model(name: str, device: str | None = None) -> tuple[PreTrainedModel, str]:
     """A model for speed benchmarks and a folder (or ``random:<config json>``) that rebuilds it elsewhere.
 
-    "smollm2": the real model, fp32 on CPU, bf16 on CUDA. "llama-3.1-8b-random": Llama-3.1-8B's shapes
+    An offline model ("smollm2", "gemma3-270m"): the real model, fp32 on CPU, bf16 on CUDA. "llama-3.1-8b-random": Llama-3.1-8B's shapes
     with random bf16 weights (speed does not depend on the weights); needs a GPU's memory. Any other name is
     a checkpoint folder. Under ``torchrun`` the model is sharded by heads (tensor parallelism), from smollm2
     or a folder."""
@@ -155,9 +155,10 @@ def bench_model(name: str, device: str | None = None) -> tuple[PreTrainedModel, 
         with torch.device(device):
             model = LlamaForCausalLM(LlamaConfig(**LLAMA_31_8B)).to(torch.bfloat16).eval()
         return model, "random:" + json.dumps(LLAMA_31_8B)
-    folder = str(smollm2_checkpoint()) if name == "smollm2" else name
+    folder = str(checkpoint(name)) if name in OFFLINE_MODELS else name
     if not Path(folder).is_dir():
-        raise ValueError(f"model must be 'smollm2', 'llama-3.1-8b-random' or a checkpoint folder, got {name!r}")
+        raise ValueError(f"model must be one of {', '.join(OFFLINE_MODELS)}, 'llama-3.1-8b-random' or a checkpoint "
+                         f"folder, got {name!r}")
     if distributed():
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **tensor_parallel_loading()).eval(), folder
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
