@@ -3,7 +3,8 @@
 What a result rebuilds is read off the result itself, so no list here can fall behind: a results file of
 ``momentkv eval`` its tables, plots and headline picture (labels from each method's configuration: "(default)"
 follows the library's defaults); a RULER file its tables; a benchmark result with a picture committed beside it,
-that picture (a throughput-at-a-cap result the capacity plot, any other the bench plot).
+that picture (a throughput-at-a-cap result the capacity plot, any other the bench plot); and ``claims.md``, the
+seeds' claims checked against every fidelity result.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 def rebuild(folder: Path) -> list[Path]:
     """Rewrite what each result under ``folder`` produces; returns the files written."""
-    from . import bench, capacity, ruler
+    from . import bench, capacity, claims, ruler
     from .report import write_report
     from .suite import Results
 
@@ -32,6 +33,8 @@ def rebuild(folder: Path) -> list[Path]:
         elif path.with_suffix(".png").exists():
             (capacity.plot if "max_batch" in data else bench.plot)(data, str(path.with_suffix(".png")))
             written.append(path.with_suffix(".png"))
+    if claims.model_files(folder):  # fidelity results: the claims checked against them
+        written.append(claims.write(folder))
     return written
 
 

@@ -287,3 +287,23 @@ def test_ratio_tables_name_the_best_press_and_the_defaults_share_of_it(tmp_path)
     kl = markdown(results).split("**KL**")[1].split("**ROUGE-L**")[0]
     assert "| best kvpress press | kvpress-tova 0.100 |" in kl
     assert "| the default / best press | 0.50x |" in kl  # momentkv-open-carry10 is the default, momentkv-open is not
+
+
+def test_claims_compare_the_pairs_the_configurations_relate_within_one_file(tmp_path):
+    from momentkv.evals import claims
+
+    corrected = claims.pairs(claims._corrected)
+    assert ("window", "window+moments") in corrected and ("momentum-open", "momentkv-open") in corrected
+    assert ("momentum-open", "momentkv-open-r100") not in corrected  # alike at budget 64 only
+    assert claims.pairs(claims._momentum_against_window) == [("window", "momentum")]
+    for name, cells in (("a", {"long-generation/window/32": dict(top1=0.90, kl=0.30),
+                               "long-generation/momentum/32": dict(top1=0.93, kl=0.20),
+                               "long-generation/window+moments/32": dict(top1=0.91, kl=0.25),
+                               "long-generation/window+moments/256": dict(top1=1.0, kl=0.0),
+                               "long-generation/window/256": dict(top1=1.0, kl=0.0)}),
+                        ("b", {"long-generation/window/64": dict(top1=0.95, kl=0.10)})):  # no partner in its file
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(environment=dict(model="m"), cells=cells)))
+    table = claims.write(tmp_path).read_text()
+    assert "| a:long-generation/32: +3.0 | yes |" in table
+    assert "| 1 of 1 pairs lower | yes |" in table  # nothing evicted at 256: not counted
+    assert "moment-informed eviction lowers the error (KL) | not measured | — |" in table
