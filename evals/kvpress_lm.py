@@ -52,7 +52,9 @@ class KVPressLM(HFLM):
         weakref.finalize(self, _stop, self.worker)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
-                        **generation_kwargs: Any) -> torch.Tensor:
+                        attention_mask: torch.Tensor | None = None, **generation_kwargs: Any) -> torch.Tensor:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("the kvpress model takes unpadded prompts only (batch 1): its presses keep no padding mask")
         request = dict(ids=context.tolist(), max_length=max_length, stop=stop, kwargs=generation_kwargs)
         self.worker.stdin.write(json.dumps(request) + "\n")
         self.worker.stdin.flush()

@@ -292,8 +292,9 @@ def ratio_tables(data: dict[str, Any]) -> list[str]:
                     continue
                 mean, low, high = paired_difference(ours, theirs)
                 verdict = "win" if low > 0 else "loss" if high < 0 else "within the interval"
-                share = bootstrap_mean(ours)[0] / max(bootstrap_mean(theirs)[0], 1e-12)
-                row.append(f"{_interval(mean, low, high, signed=True)} {verdict} ({share:.0%} of it)")
+                best_mean = bootstrap_mean(theirs)[0]
+                share = f" ({bootstrap_mean(ours)[0] / best_mean:.0%} of it)" if best_mean else ""
+                row.append(f"{_interval(mean, low, high, signed=True)} {verdict}{share}")
             lines.append(f"| {default} - best press | " + " | ".join(row) + " |")
         lines.append("")
         for ratio in ratios:

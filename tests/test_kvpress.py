@@ -121,18 +121,24 @@ def test_kept_prompt_tokens_are_counted_as_kvpress_counts_them():
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
 def test_a_kvpress_press_at_a_ratio_answers_as_momentkv_keeping_the_same_prompt_tokens():
     """lm-eval's ``kvpress`` model (generation in kvpress's environment) with StreamingLLM at ratio 0.5, and the
-    ``momentkv`` model with the streamingllm preset at the same ratio, keep the same 48 of 96 prompt tokens: the
-    same answer, which the full cache does not give. So a RULER cell of a press and one of momentkv differ by the
+    ``momentkv`` model with the streamingllm preset at the same ratio, keep the same half of the prompt's tokens:
+    the same answer, which the full cache does not give. So a RULER cell of a press and one of momentkv differ by the
     rule alone."""
     from momentkv.evals.kvpress_lm import KVPressLM
     from momentkv.evals.lm_eval_adapter import MomentKVLM
 
+    from lm_eval.api.instance import Instance
+
     ids = torch.randint(20, 40000, (1, 96), generator=torch.Generator().manual_seed(0))
     theirs = KVPressLM(press="streamingllm", compression_ratio=0.5, python=KVPRESS_PYTHON, dtype="float32")
     ours = MomentKVLM(budget=128, preset="streamingllm", compression_ratio=0.5, dtype="float32")
-    answers = [lm._model_generate(ids, 96 + 16, [], do_sample=False, temperature=0.0)[0, 96:].tolist()
-               for lm in (theirs, ours)]
-    assert momentkv.state_of(ours.model).config.prefill_budget == 48
+    text = ours.tokenizer.decode(ids[0])
+    kept = len(ours.tok_encode(text)) // 2
+    # through lm-eval's own generate_until, as a RULER cell runs (it passes the attention mask along)
+    request = Instance("generate_until", doc={}, arguments=(text, {"until": [], "max_gen_toks": 16, "do_sample": False}),
+                       idx=0)
+    answers = [lm.generate_until([request], disable_tqdm=True) for lm in (theirs, ours)]
+    assert momentkv.state_of(ours.model).config.prefill_budget == kept
     assert answers[0] == answers[1]
-    full = MomentKVLM(budget=256, dtype="float32")._model_generate(ids, 96 + 16, [], do_sample=False)
-    assert full[0, 96:].tolist() != answers[1]
+    full = MomentKVLM(budget=256, dtype="float32").generate_until([request], disable_tqdm=True)
+    assert full != answers[1]
