@@ -66,7 +66,7 @@ def checkpoint(name: str) -> Path:
     """The safetensors checkpoint folder of offline model ``name``, converted from its GGUF file on first use."""
     model_files = offline_model(name)
     target = cache_home() / model_files.checkpoint
-    if (target / "config.json").exists():
+    if (target / "model.safetensors").exists():
         return target
     source, gguf = model_files.gguf_folder(), model_files.gguf_file
     if not (source / gguf).exists():
