@@ -175,15 +175,14 @@ def kernels(ctx: Context, until: float) -> dict[str, Any]:
                                               and torch.equal(mine.free_slot, ref.free_slot))
             row[f"{key}_moments_rel_error"] = max(_rel(getattr(mine, name), getattr(ref, name))
                                                   for name in ("mu_k", "mu_v", "comoment"))
-        # The whole step (write, then attention and eviction) over the budget, as decoding calls it.
+        # The whole step (write, attention and eviction) over the budget, as decoding calls it.
         mine, ref = state.clone(), state.clone()
         token = torch.randn(2, 2, 1, dim, generator=gen, device=device).to(dtype)
         for each in (mine, ref):
             each.decode_len.fill_(budget + 1)
-        call("write", mine, settings, key=token, value=token)
-        call("write", ref, settings, key=token, value=token, route="reference")
-        out = call("decode_step", mine, settings, query=query, scale=scale)
-        expected = call("decode_step", ref, settings, query=query, scale=scale, route="reference")
+        out = call("decode_step", mine, settings, query=query, key=token, value=token, scale=scale)
+        expected = call("decode_step", ref, settings, query=query, key=token, value=token, scale=scale,
+                        route="reference")
         row["step_rel_error"] = _rel(out, expected)
         row["step_same_victims"] = bool(torch.equal(mine.valid, ref.valid) and torch.equal(mine.free_slot, ref.free_slot))
         prompt = torch.randn(2, 2 * group, 16, dim, generator=gen, device=device).to(dtype)

@@ -2,10 +2,11 @@
 
 In the generation: the same greedy generation timed with the budgeted cache and with transformers' dynamic
 full cache; the difference per budgeted layer is what momentkv adds (or saves) in place, cold caches and all.
-Kernel by kernel: after the generation, a layer's two decode ops (``write``, ``decode_step``) and the step's
-parts (attention with the momentum update, eviction) are timed at the cache's real shapes on copies of its
-buffers (median of many warm calls), and the step once more through torch's dispatcher (what a compiled
-graph calls). Only public entry points: ``momentkv.patched``, ``state_of`` and ``ops.call``.
+Kernel by kernel: after the generation, a layer's decode op (``decode_step``: write, attend, evict; called as the
+layer calls it) and its parts (the write, attention with the momentum update, eviction) are timed at the cache's
+real shapes on copies of its buffers (median of many warm calls), and the step once more through torch's
+dispatcher (what a compiled graph calls). Only public entry points: ``momentkv.patched``, ``state_of``,
+``ops.call`` and ``ops.kernels.bind``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from transformers import StoppingCriteriaList
 
 import momentkv
 from momentkv.ops import call
+from momentkv.ops.kernels import bind
 
 from .step_timer import StepTimer
 
@@ -73,16 +75,17 @@ def profile_step(model, prompt_len: int, new_tokens: int, budget: int, batch: in
             return run
 
         attend = dict(query=query, scale=dim ** -0.5)
+        step = bind("decode_step", state, settings)  # as the layer calls it
         kernels = {
             "write": lambda: call("write", state, settings, key=token, value=token),
-            "decode_step": lambda: call("decode_step", state, settings, **attend),
+            "decode_step": lambda: step(key=token, value=token, **attend),
             "attention_and_momentum": lambda: call("decode_attention", state, settings, **attend),
             "eviction": lambda: call("evict", state, settings),
         }
         restore_us = _time_us(restored(lambda: None), device)
         per_layer = {name: _time_us(restored(fn), device) - restore_us for name, fn in kernels.items()}
-        dispatched_us = _time_us(restored(lambda: call("decode_step", state, settings, route="dispatcher", **attend)),
-                                 device) - restore_us
+        dispatched_us = _time_us(restored(lambda: call("decode_step", state, settings, route="dispatcher", key=token,
+                                                       value=token, **attend)), device) - restore_us
     return dict(step_ms=step_ms, full_dynamic_step_ms=full_ms, budgeted_layers=len(layers),
                 added_per_layer_over_full_cache_us=1e3 * (step_ms - full_ms) / len(layers),
                 per_layer_warm_us=per_layer, step_through_dispatcher_us=dispatched_us,

@@ -98,5 +98,5 @@ def decode_attention_reference(*, query: Tensor, keys: Tensor, values: Tensor, v
     return out.reshape(b, hq, -1).to(query.dtype)
 
 
-decode_attention = define("decode_attention", decode_attention_reference, mutates=("importance", "normalizer"),
-                          attends=True)
+MUTATES = ("importance", "normalizer")
+decode_attention = define("decode_attention", decode_attention_reference, mutates=MUTATES, attends=True)

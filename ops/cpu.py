@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from .kernels import REFERENCES, register
+from .kernels import REFERENCES, layout_of, register
 from .signature import by_name
 
 
@@ -29,14 +29,15 @@ RETRY_OPTIONS = {"cpp.max_horizontal_fusion_size": 1}
 # in a barrier, a wait for the other thread's time slice when other processes share the cores; beside 4 busy
 # processes, in one interleaved comparison, the mean step was 3.7x the full cache's with that split and 1.4x with
 # this one (docs/results.md, "Under load": single runs still collapse, for a cause not yet found).
-OPTIONS = {"cpp.min_chunk_size": 32768}
+# Inductor's own check of each input's size and strides is left out: the kernel is looked up by them (_signature).
+OPTIONS = {"cpp.min_chunk_size": 32768, "size_asserts": False}
 
 
-def _signature(args: tuple) -> tuple:
-    """What a compiled kernel is specialised on: the non-tensor arguments, each tensor's layout, the modes
-    (grad, inference, autocast) it was traced under, the checks dynamo's guards would make on each call, and the
-    threads it may use (inductor writes the count into the C++ unless it is the machine's core count)."""
-    layout = tuple([(a.shape, a.stride(), a.dtype, a.is_cpu) if isinstance(a, torch.Tensor) else a for a in args])
+def _signature(layout: tuple) -> tuple:
+    """What a compiled kernel is specialised on: its arguments' ``layout`` (``kernels.layout_of``: the non-tensor
+    arguments, each tensor's layout), the modes (grad, inference, autocast) it was traced under, the checks
+    dynamo's guards would make on each call, and the threads it may use (inductor writes the count into the C++
+    unless it is the machine's core count)."""
     modes = torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu")
     return layout, modes, torch.get_num_threads()
 
@@ -80,14 +81,18 @@ def _compile(reference: Callable, args: tuple) -> tuple[Callable, Any]:
 
 
 def _fused(reference: Callable) -> Callable:
-    """The fused CPU kernel of an op: ``reference`` compiled once per :func:`_signature` of its arguments."""
+    """The fused CPU kernel of an op: ``reference`` compiled once per :func:`_signature` of its arguments. Its
+    ``run(args, layout)`` takes the arguments' layout found by the caller (``kernels.bind``)."""
     compiled: dict[tuple, Callable] = {}
     state = {"fused": True}
 
     def kernel(*args):
+        return run(args, tuple([layout_of(argument) for argument in args]))
+
+    def run(args, layout: tuple):
         if not state["fused"]:
             return reference(*args)
-        key = _signature(args)
+        key = _signature(layout)
         try:
             if key in compiled:
                 return compiled[key](*args)
@@ -99,6 +104,7 @@ def _fused(reference: Callable) -> Callable:
             state["fused"] = False
             return reference(*args)
 
+    kernel.run = run
     return kernel
 
 

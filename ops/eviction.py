@@ -43,5 +43,5 @@ def evict_reference(*, keys: Tensor, values: Tensor, valid: Tensor, n: Tensor, m
         fold_range(value_range, v, gate)
 
 
-evict = define("evict", evict_reference, mutates=("valid", "n", "mu_k", "mu_v", "comoment", "value_range", "free_slot"),
-               attends=False)
+MUTATES = ("valid", "n", "mu_k", "mu_v", "comoment", "value_range", "free_slot")
+evict = define("evict", evict_reference, mutates=MUTATES, attends=False)

@@ -14,7 +14,7 @@ import torch
 
 from .attention import decode_attention, decode_attention_reference
 from .eviction import evict, evict_reference
-from .signature import by_name, named, positional
+from .signature import NAMES, by_name, named, positional
 from .state import LayerState, StepSettings
 from .step import decode_step, decode_step_reference, write, write_reference
 
@@ -58,4 +58,44 @@ def call(name: str, state: LayerState, settings: StepSettings, route: Route = "k
         return getattr(torch.ops.momentkv, name).default(*args)
     if route == "reference":
         return _REFERENCE_KERNELS[name](*args)
-    return _KERNELS.get((name, state.keys.device.type), _REFERENCE_KERNELS[name])(*args)
+    return _kernel(name, state)(*args)
+
+
+def _kernel(name: str, state: LayerState) -> Callable:
+    return _KERNELS.get((name, state.keys.device.type), _REFERENCE_KERNELS[name])
+
+
+def layout_of(argument: Any) -> Any:
+    """What a compiled kernel is specialised on in one argument: a tensor's shape, strides, dtype and whether it
+    is on the CPU; any other value itself."""
+    if isinstance(argument, torch.Tensor):
+        return argument.shape, argument.stride(), argument.dtype, argument.is_cpu
+    return argument
+
+
+_INDEX = {name: index for index, name in enumerate(NAMES)}
+
+
+def bind(name: str, state: LayerState, settings: StepSettings) -> Callable[..., Any]:
+    """Decode op ``name`` on one layer's ``state`` and ``settings``, called with the per-call arguments alone, as
+    :func:`call` runs it. A layer calls its op every token, and its state's tensors and its settings never change:
+    their positions and layouts are found once here, not per call (~15 us a call on CPU, a tenth of the step)."""
+    fixed = list(positional(named(state, settings)))
+    kernel = _kernel(name, state)
+    run = getattr(kernel, "run", None)  # a kernel told its arguments' layout (``ops/cpu.py``'s fused kernels)
+    fixed_layout = [layout_of(argument) for argument in fixed] if run else []
+
+    def bound(**per_call: Any):
+        if torch.compiler.is_compiling():
+            return call(name, state, settings, **per_call)
+        args, layout = fixed.copy(), fixed_layout.copy()
+        for key, value in per_call.items():
+            index = _INDEX.get(key)
+            if index is None:
+                raise TypeError(f"not a decode-op parameter: {key}")
+            args[index] = value
+            if run:
+                layout[index] = layout_of(value)
+        return run(args, tuple(layout)) if run else kernel(*args)
+
+    return bound

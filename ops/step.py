@@ -1,11 +1,10 @@
-"""``momentkv::write`` and ``momentkv::decode_step``: a budgeted layer's decode step in two ops. The cache
-layer writes the new token into its slot (``write``, in ``update``); its attention call then attends and evicts
-in one op (``decode_step``).
+"""``momentkv::decode_step``: a budgeted layer's decode step in one op: write the new token into its slot
+(``momentkv::write``), attend, evict. The cache layer holds the token from ``update`` until its attention call.
 
-One call for attention and eviction instead of two: on CPU each call costs ~25 us of framework overhead beside
-a ~100 us kernel (results/profile-step-cpu.json), so the step as a whole is what is compiled (``ops/cpu.py``).
-The pieces stay the specification: :func:`compose_step` joins any device's kernels of ``decode_attention``
-and ``evict`` into the step.
+One call instead of three: on CPU each call costs tens of microseconds of framework overhead beside a ~100 us
+kernel (results/profile-step-cpu.json), so the step as a whole is what is compiled (``ops/cpu.py``). The pieces
+stay the specification: :func:`compose_step` joins any device's kernels of ``decode_attention`` and ``evict``
+into the step; ``write`` alone serves a step split around a registered rule or a collective.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import attention, eviction
 from .attention import decode_attention_reference
 from .eviction import evict_reference
 from .signature import define
@@ -43,23 +43,23 @@ def write_reference(*, key: Tensor, value: Tensor, keys: Tensor, values: Tensor,
     decode_len.add_(1)
 
 
-def compose_step(attention: Callable, evict: Callable) -> Callable:
+def compose_step(attend: Callable, evict: Callable) -> Callable:
     """The decode step made of a device's ``decode_attention`` and ``evict`` kernels (both taking the decode
-    parameters by name): attend, then evict. Returns [B, Hq, Dv]."""
+    parameters by name): write the token (:func:`write_reference`), attend, evict. Returns [B, Hq, Dv]."""
 
     def decode_step(**named: Any) -> Tensor:
-        out = attention(**named)
+        write_reference(**named)
+        out = attend(**named)
         evict(**named)
         return out
 
     return decode_step
 
 
-write = define("write", write_reference, attends=False,
-               mutates=("keys", "values", "valid", "importance", "normalizer", "positions", "decode_len", "seen"))
+WRITE_MUTATES = ("keys", "values", "valid", "importance", "normalizer", "positions", "decode_len", "seen")
+write = define("write", write_reference, attends=False, mutates=WRITE_MUTATES)
 
 decode_step_reference = compose_step(decode_attention_reference, evict_reference)
 
 decode_step = define("decode_step", decode_step_reference, attends=True,
-                     mutates=("valid", "importance", "normalizer", "n", "mu_k", "mu_v", "comoment", "value_range",
-                              "free_slot"))
+                     mutates=tuple(dict.fromkeys(WRITE_MUTATES + attention.MUTATES + eviction.MUTATES)))

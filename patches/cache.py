@@ -5,8 +5,9 @@ counters are device tensors, so one compiled decode step serves a whole generati
 and CUDA graphs see fixed addresses. Slot ``[0, P)`` hold the prompt, ``[P, P+B]``
 the decode tokens; keys are stored after RoPE, so a slot's index never matters.
 
-Each budgeted layer owns its cache work, as transformers' cache layers do: ``update`` writes the new token,
-:meth:`BudgetedLayer.decode` attends and evicts, :meth:`BudgetedLayer.prefill` scores and writes the prompt.
+Each budgeted layer owns its cache work, as transformers' cache layers do: ``update`` takes the new token,
+:meth:`BudgetedLayer.decode` writes it, attends and evicts, :meth:`BudgetedLayer.prefill` scores and writes the
+prompt.
 The attention function (``patches/attention.py``) only routes to them and checks the call.
 """
 
@@ -22,7 +23,7 @@ from transformers.cache_utils import STATIC_LAYER_TYPE_MAPPING, Cache, CacheLaye
 from transformers.utils import is_torchdynamo_compiling
 
 from momentkv.config import MomentKVConfig
-from momentkv.ops.kernels import call
+from momentkv.ops.kernels import bind, call
 from momentkv.ops.moments import merge_range, merge_set
 from momentkv.ops.prefill import prefill_scores
 from momentkv.ops.selection import eviction_rank, prompt_score, select_prompt, sink_mask, vote
@@ -94,7 +95,8 @@ class BudgetedLayer(CacheLayerMixin):
         self.prefilled = False
         self.pending: PendingPrompt | None = None
         self.state: LayerState | None = None
-        self.unattended = False  # a token was written and its attention has not run yet (eager only)
+        self.token: tuple[Tensor, Tensor] | None = None  # the new key and value, from update until decode writes them
+        self.unattended = False  # a token was taken and its attention has not run yet (eager only)
         self.in_generation = False  # inside the patched generate this cache serves (MomentKVCache.generating)
 
     # -- allocation -----------------------------------------------------------------
@@ -105,6 +107,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.state = LayerState.allocate(self.batch_size, self.num_heads, self.num_slots, key_states.shape[-1],
                                          value_states.shape[-1], key_states.dtype, value_states.dtype, self.device)
         self.keys, self.values = self.state.keys, self.state.values  # what transformers reads of a layer
+        self.ops = {name: bind(name, self.state, self.settings) for name in ("decode_step", "write")}
         if not is_torchdynamo_compiling():
             for buffer in self.buffers():
                 torch._dynamo.mark_static_address(buffer)
@@ -129,12 +132,13 @@ class BudgetedLayer(CacheLayerMixin):
             buffer.zero_()
         self.prefilled = False
         self.pending = None
+        self.token = None
         self.unattended = False
 
     # -- transformers' cache protocol -------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        """The prompt is held (and attended as it is) until :meth:`prefill`; a decode token is written into its
-        slot, and the layer's buffers are returned for :meth:`decode`."""
+        """The prompt is held (and attended as it is) until :meth:`prefill`; a decode token is held until
+        :meth:`decode` writes it into its slot (in the step's one op), and the layer's buffers are returned for it."""
         if not is_torchdynamo_compiling() and not self.in_generation:
             raise ValueError(OUTSIDE_GENERATE)
         if not self.is_initialized or not self.prefilled and not self.holds(key_states, value_states):
@@ -153,7 +157,7 @@ class BudgetedLayer(CacheLayerMixin):
                     "momentkv cannot budget this model: the token a budgeted cache layer received last step never "
                     "reached momentkv's attention (the model attends outside transformers' attention interface)")
             self.unattended = True
-        call("write", self.state, self.settings, key=key_states, value=value_states)
+        self.token = key_states, value_states
         return self.state.keys, self.state.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -172,7 +176,7 @@ class BudgetedLayer(CacheLayerMixin):
 
     # -- decoding ---------------------------------------------------------------------
     def decode(self, query: Tensor, scale: float, sink_logits: Tensor | None = None, softcap: float = 0.0) -> Tensor:
-        """Attend the new token's query [B, Hq, 1, Dk] over the layer (the token is written by ``update``), then
+        """Write the new token (held since ``update``), attend its query [B, Hq, 1, Dk] over the layer, then
         evict if over budget. Returns [B, 1, Hq, Dv]. sink_logits [Hq]: the model's learned attention-sink logits;
         softcap: its attention-logit soft cap (0: none).
 
@@ -180,11 +184,13 @@ class BudgetedLayer(CacheLayerMixin):
         attention and the eviction, and a layer-scope victim under tensor parallelism is chosen over every
         rank's heads between them."""
         self.unattended = False
+        (key, value), self.token = self.token, None
         st, settings, query = self.state, self.settings, query[:, :, 0]
         split_rank = settings.layer_scope and self.heads.size > 1
         if self.rule is None and not split_rank:
-            return call("decode_step", st, settings, query=query, scale=scale, softcap=softcap,
-                        sink_logits=sink_logits).unsqueeze(1)
+            return self.ops["decode_step"](query=query, key=key, value=value, scale=scale, softcap=softcap,
+                                           sink_logits=sink_logits).unsqueeze(1)
+        self.ops["write"](key=key, value=value)
         # A registered rule is given this step's attention alone: the attention's momentum update of a zeroed
         # score is exactly the probability (the normaliser is updated as for every rule).
         attention = st.importance if self.rule is None else torch.zeros_like(st.importance)

@@ -113,7 +113,8 @@ def test_the_step_of_the_defaults_compiles_at_a_models_shape(dtype, layer_scope)
     state.seen.fill_(64)
     state.decode_len.fill_(40)
     settings = step_settings(budget=32, recent_window=64, cap_window=True, moments=True, layer_scope=layer_scope)
-    values = named(state, settings, query=torch.randn(1, 8, 32, dtype=dtype), scale=0.125)
+    token = torch.randn(1, 2, 1, 32, dtype=dtype)
+    values = named(state, settings, query=torch.randn(1, 8, 32, dtype=dtype), key=token, value=token, scale=0.125)
     expected = by_name(kernels.REFERENCES["decode_step"])(*positional(dict(values, **clone_state(values))))
     out = fused("decode_step")(*positional(values))
     torch.testing.assert_close(out, expected)
@@ -131,7 +132,8 @@ def decode_values(batch=1, slots=577, heads=3, groups=3, dim=64):
     state.seen.fill_(slots)
     state.decode_len.fill_(65)
     settings = step_settings(budget=64, recent_window=64, cap_window=True, moments=True)
-    return named(state, settings, query=torch.randn(batch, heads * groups, dim), scale=0.125)
+    token = torch.randn(batch, heads, 1, dim)
+    return named(state, settings, query=torch.randn(batch, heads * groups, dim), key=token, value=token, scale=0.125)
 
 
 def test_a_small_step_does_not_wait_on_thread_barriers():
@@ -162,3 +164,27 @@ def test_a_kernel_follows_the_thread_count(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert len(compiled) == 2
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_a_bound_step_runs_as_call_does_and_checks_each_calls_layout(monkeypatch):
+    """A layer's bound op (``kernels.bind``: its state's layout found once, inductor's own size checks off) gives
+    the reference's result at every step; a per-call argument of another layout (a query with other strides) gets
+    a kernel of its own, not the one specialised for the first layout (a wrong answer: nothing else checks it)."""
+    from test_decode_step import SETTINGS, prompt_state, settings_of, tokens
+
+    monkeypatch.setitem(kernels._KERNELS, ("decode_step", "cpu"), fused("decode_step"))  # tests run the reference
+    st, settings = prompt_state(), settings_of(SETTINGS[0])
+    expected = st.clone()
+    step = kernels.bind("decode_step", st, settings)
+    for index, (query, key, value) in enumerate(tokens(st, 4, 8)):
+        if index >= 3:  # same values, other strides
+            query = query.transpose(0, 1).contiguous().transpose(0, 1)
+        out = step(query=query, key=key, value=value, scale=0.35)
+        want = kernels.call("decode_step", expected, settings, route="reference", query=query, key=key, value=value,
+                            scale=0.35)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(LayerState.__dataclass_fields__, st.tensors(), expected.tensors()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    with pytest.raises(TypeError, match="not a decode-op parameter: querry"):
+        step(querry=query)

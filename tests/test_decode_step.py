@@ -1,6 +1,6 @@
-"""A layer's decode step, ``momentkv::write`` then ``momentkv::decode_step``: the write against a slot-by-slot
-statement of the rule, and the step's kernels (fused CPU, Triton under the interpreter) against the reference
-ops called one after the other, over generations that cross the budget."""
+"""A layer's decode step, ``momentkv::decode_step`` (write, attend, evict in one op): the write against a
+slot-by-slot statement of the rule, and the step's kernels (fused CPU, Triton under the interpreter) against that
+write and the reference ops called one after the other, over generations that cross the budget."""
 
 from __future__ import annotations
 
@@ -91,13 +91,12 @@ def one_op_at_a_time(st: LayerState, query, key, value, setting, hq):
     return out
 
 
-def assert_same_generation(write, step, setting, hq=4, steps=BUDGET + 6, tolerance=1e-5):
-    """``write`` then ``step`` (kernels taking the positional arguments) against :func:`one_op_at_a_time`."""
+def assert_same_generation(step, setting, hq=4, steps=BUDGET + 6, tolerance=1e-5):
+    """``step`` (a kernel of the whole step, taking the positional arguments) against :func:`one_op_at_a_time`."""
     st = prompt_state(protect=setting["protect"])
     expected = st.clone()
     for query, key, value in tokens(st, hq, steps):
-        write(*step_arguments(st, query, setting, hq, key=key, value=value))
-        out = step(*step_arguments(st, query, setting, hq))
+        out = step(*step_arguments(st, query, setting, hq, key=key, value=value))
         torch.testing.assert_close(out, one_op_at_a_time(expected, query, key, value, setting, hq),
                                    rtol=tolerance, atol=tolerance)
     for name, got, want in zip(LayerState.__dataclass_fields__, st.tensors(), expected.tensors()):
@@ -108,13 +107,32 @@ def assert_same_generation(write, step, setting, hq=4, steps=BUDGET + 6, toleran
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_reference_step_is_the_write_then_the_ops(setting):
-    assert_same_generation(by_name(write_reference), by_name(decode_step_reference), setting)
+    assert_same_generation(by_name(decode_step_reference), setting)
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to the eager body would compare it with itself
 @pytest.mark.parametrize("setting", SETTINGS[:2], ids=["head", "layer-sinks-moment-aware"])
 def test_fused_cpu_step_matches_the_reference(setting):
-    assert_same_generation(cpu._fused(by_name(write_reference)), cpu._fused(by_name(decode_step_reference)), setting)
+    assert_same_generation(cpu._fused(by_name(decode_step_reference)), setting)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_the_write_alone_is_the_rule_stated_slot_by_slot(fused):
+    """``momentkv::write`` alone (the step split around a registered rule or a collective), past the budget too,
+    each step's freed slot drawn at random per sequence and head."""
+    write = cpu._fused(by_name(write_reference)) if fused else by_name(write_reference)
+    st = prompt_state()
+    expected = st.clone()
+    gen = torch.Generator().manual_seed(3)
+    for query, key, value in tokens(st, 4, BUDGET + 4):
+        freed = torch.randint(0, PROMPT + BUDGET + 1, st.free_slot.shape, generator=gen)
+        st.free_slot.copy_(freed)
+        expected.free_slot.copy_(freed)
+        write(*step_arguments(st, query, SETTINGS[0], 4, key=key, value=value))
+        write_slot_by_slot(expected, key, value)
+    for name, got, want in zip(LayerState.__dataclass_fields__, st.tensors(), expected.tensors()):
+        torch.testing.assert_close(got, want, msg=name)
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -122,22 +140,20 @@ def test_fused_kernel_recompiles_for_a_new_layout_mode_or_setting():
     """After the first call the fused kernel skips dynamo's guards, so it checks what they would: a query with
     other strides, inference mode and another scale each get their own compiled graph, not a wrong answer or a
     crash in a kernel specialised for the first."""
-    write, kernel = by_name(write_reference), cpu._fused(by_name(decode_step_reference))
+    kernel = cpu._fused(by_name(decode_step_reference))
     setting = SETTINGS[0]
     st = prompt_state()
     expected = st.clone()
     for index, (query, key, value) in enumerate(tokens(st, 4, 4)):
         if index == 1:
             query = query.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
-        write(*step_arguments(st, query, setting, 4, key=key, value=value))
-        args = step_arguments(st, query, setting, 4, scale=0.2 if index == 3 else 0.35)
+        args = step_arguments(st, query, setting, 4, key=key, value=value, scale=0.2 if index == 3 else 0.35)
         with torch.inference_mode(index == 2):
             out = kernel(*args)
         if index != 3:
             torch.testing.assert_close(out, one_op_at_a_time(expected, query, key, value, setting, 4), rtol=1e-5,
                                        atol=1e-5)
-    write_slot_by_slot(expected, key, value)
-    want = by_name(decode_step_reference)(*step_arguments(expected, query, setting, 4, scale=0.2))
+    want = by_name(decode_step_reference)(*step_arguments(expected, query, setting, 4, key=key, value=value, scale=0.2))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
@@ -148,7 +164,8 @@ def test_opcheck_decode_step():
         copy = st.clone()
         torch.library.opcheck(torch.ops.momentkv.write.default,
                               step_arguments(copy, query, setting, 4, key=key, value=value))
-        torch.library.opcheck(torch.ops.momentkv.decode_step.default, step_arguments(copy, query, setting, 4))
+        torch.library.opcheck(torch.ops.momentkv.decode_step.default,
+                              step_arguments(copy, query, setting, 4, key=key, value=value))
 
 
 def test_triton_step_matches_the_reference():
@@ -168,8 +185,7 @@ def test_triton_step_matches_the_reference():
     expected = st.clone()
     setting = SETTINGS[1]
     for query, key, value in tokens(st, 4, BUDGET + 4):
-        by_name(write_reference)(*step_arguments(st, query, setting, 4, key=key, value=value))
-        out = kernel(*step_arguments(st, query, setting, 4))
+        out = kernel(*step_arguments(st, query, setting, 4, key=key, value=value))
         torch.testing.assert_close(out, one_op_at_a_time(expected, query, key, value, setting, 4), rtol=2e-5,
                                    atol=2e-5)
     torch.testing.assert_close(st.valid, expected.valid)
