@@ -38,20 +38,28 @@ def registered() -> list[tuple[str, str]]:
 
 
 Route = Literal["kernel", "reference", "dispatcher"]
-# Traced into a compiled graph rather than called as an opaque op: a few indexing ops (``index_put_``, done in
-# place) that inductor fuses with the rest, where an op call would add the dispatcher's cost every layer and step.
+# Traced into a compiled graph rather than called as an opaque op: the write everywhere (a few indexing ops,
+# ``index_put_``, done in place), and the whole step on the CPU, whose kernel is this same reference compiled by
+# inductor: in the model's graph inductor fuses it with the rest, where an op call adds the dispatcher's cost
+# (~90 us on CPU) every layer and step. On CUDA the step's Triton kernel stays one node of the graph. The step
+# split around a registered rule stays ops: traced, torch 2.11's inductor gave other tokens than eager after
+# the first eviction (a tiny Llama, KeyDiff, fp32; 2.13 the same tokens).
 TRACED_WHEN_COMPILING = ("write",)
+TRACED_ON_CPU = ("decode_step",)
+
+
+def _traced(name: str, state: LayerState) -> bool:
+    return name in TRACED_WHEN_COMPILING or (name in TRACED_ON_CPU and state.keys.is_cpu)
 _REFERENCE_KERNELS = {name: by_name(body) for name, body in REFERENCES.items()}
 
 
 def call(name: str, state: LayerState, settings: StepSettings, route: Route = "kernel", **per_call: Any):
     """Run decode op ``name`` on a layer's ``state`` and ``settings`` (``per_call``: the token, scale, sink logits,
-    rank, or a replacement for a state tensor or a setting): as a graph node while compiling (the write traced
-    in, :data:`TRACED_WHEN_COMPILING`); otherwise directly
-    on its device's kernel, on the plain-PyTorch reference (``route="reference"``, for checks) or through the
-    dispatcher (to measure it)."""
+    rank, or a replacement for a state tensor or a setting): while compiling, traced in (the write, and the step on
+    the CPU: :func:`_traced`) or as a graph node; otherwise directly on its device's kernel, on the plain-PyTorch
+    reference (``route="reference"``, for checks) or through the dispatcher (to measure it)."""
     values = named(state, settings, **per_call)
-    if name in TRACED_WHEN_COMPILING and torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and _traced(name, state):
         return REFERENCES[name](**values)
     args = positional(values)
     if torch.compiler.is_compiling() or route == "dispatcher":

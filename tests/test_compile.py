@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from transformers import CompileConfig
 
 import momentkv
 from conftest import left_padded_batch
+from momentkv.patches.private_api import compile_on_any_device
 
 
 def test_compiled_decode_is_one_graph_and_matches_eager(tiny_model):
@@ -77,3 +79,29 @@ def test_sliding_layers_and_a_soft_cap_compile(tiny_model):
         with torch._dynamo.config.patch(error_on_recompile=True):
             assert torch.equal(model.generate(**kwargs), eager)
     assert not counters["graph_break"]
+
+
+def test_on_cpu_the_step_is_compiled_into_the_models_graph(tiny_model):
+    """Compiled on the CPU, the decode step's reference (the body of its CPU kernel) is traced into the model's
+    graph, which inductor fuses: as an opaque op, each call went through torch's dispatcher (~90 us a layer and
+    step) and compiled decoding ran no faster than eager (docs/results.md, "Batch 1")."""
+    graphs = []
+
+    def recording(graph, example_inputs, **_):
+        graphs.append(graph)
+        return graph.forward
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    config = compile_on_any_device(CompileConfig(fullgraph=True, dynamic=False, backend=recording, mode=None))
+    with momentkv.patched(model, budget=8, prompt_bucket=16):
+        eager = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                               pad_token_id=0, disable_compile=True)
+        torch._dynamo.reset()
+        compiled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                                  pad_token_id=0, compile_config=config)
+    targets = [str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"]
+    assert graphs, "nothing was compiled"
+    assert not [target for target in targets if "momentkv" in target]
+    assert sum("setitem" in target for target in targets) >= 6, "the step's write is in the graph"
+    assert torch.equal(compiled, eager)
