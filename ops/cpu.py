@@ -1,8 +1,8 @@
 """CPU kernels: the plain-PyTorch reference bodies, fused into C++ loops by inductor.
 
-A decode step runs two ops per layer (``write``, then ``decode_step``); eagerly they are ~70 small aten calls,
+A decode step is one op per layer (``decode_step``: write, attend, evict); eagerly it is ~70 small aten calls,
 which on CPU cost more than the attention itself. Compiled once per shape (and cached on disk by
-inductor), they run 3-5x faster. ``MOMENTKV_CPU_KERNEL=reference`` keeps the eager bodies;
+inductor), it runs 3-5x faster. ``MOMENTKV_CPU_KERNEL=reference`` keeps the eager bodies;
 a machine where inductor cannot compile falls back to them with a warning.
 """
 
