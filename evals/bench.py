@@ -63,13 +63,20 @@ def _generate(model, ids, new_tokens: int, timer: StepTimer | None, full_cache: 
                     return_dict_in_generate=True, **kwargs)
 
 
+def kvpress_interval(system: str) -> int:
+    """The steps between two compressions of ``kvpress-iN``."""
+    return int(system.split("-i")[1])
+
+
 def run_system(system: str, model, ids, new_tokens: int, budget: int, kvpress_python: str | None,
-               model_folder: str, timed: bool = True, deadline: float | None = None) -> dict[str, Any]:
+               model_folder: str, timed: bool = True, deadline: float | None = None,
+               sampling: dict | None = None) -> dict[str, Any]:
     """One generation of ``new_tokens`` tokens; returns timings and memory (or an 'error').
 
     ``model`` is patched by momentkv with ``budget``; full-cache systems bypass momentkv's ``generate``,
     which leaves the model's own attention in charge. A ``deadline`` (``time.perf_counter()``) stops the
-    generation early: ``decode_steps`` then says how far it got."""
+    generation early: ``decode_steps`` then says how far it got. ``sampling`` (generate's options) is passed to
+    kvpress's runner only; the others decode greedily here."""
     batch, prompt_len = ids.shape
     device = ids.device
     tokens = new_tokens if timed else 4
@@ -78,7 +85,7 @@ def run_system(system: str, model, ids, new_tokens: int, budget: int, kvpress_py
             return {"error": "no --kvpress-python given"}
         args = dict(model=model_folder, prompt_len=prompt_len, new_tokens=tokens, batch=batch, device=device.type,
                     dtype=str(model.dtype).replace("torch.", ""), target=prompt_len + budget,
-                    interval=int(system.split("-i")[1]))
+                    interval=kvpress_interval(system), **({"sampling": sampling} if sampling else {}))
         runner = Path(__file__).with_name("kvpress_runner.py")
         done = subprocess.run([kvpress_python, str(runner), json.dumps(args)], capture_output=True, text=True)
         if done.returncode != 0:
@@ -327,8 +334,8 @@ def _sizes(text: str) -> list[int]:
         raise ValueError(f"--kv-caps: sizes such as 256M,1G, got {text!r}") from None
 
 
-def _run_capacity(args: argparse.Namespace, parser: argparse.ArgumentParser, model, systems: list[str],
-                  ints) -> int:
+def _run_capacity(args: argparse.Namespace, parser: argparse.ArgumentParser, model, folder: str,
+                  systems: list[str], ints) -> int:
     from .capacity import SYSTEMS as CAPACITY_SYSTEMS, format_table as capacity_table, plot as capacity_plot
     from .capacity import run_capacity
 
@@ -347,8 +354,10 @@ def _run_capacity(args: argparse.Namespace, parser: argparse.ArgumentParser, mod
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
 
+    if any(name.startswith("kvpress") for name in systems) and not args.kvpress_python:
+        parser.error("--systems: kvpress's rows need --kvpress-python (a Python with kvpress 0.5.5)")
     result = run_capacity(model, caps, args.prompt_len, ints(args.lengths)[0], ints(args.budgets), systems,
-                          args.max_batch, save=save)
+                          args.max_batch, save=save, kvpress_python=args.kvpress_python, model_folder=folder)
     print(capacity_table(result))
     if args.plot:
         capacity_plot(result, args.plot)
@@ -376,7 +385,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     first = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports for every rank
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     if args.kv_caps:
-        return _run_capacity(args, parser, model, systems, ints)
+        return _run_capacity(args, parser, model, folder, systems, ints)
     result = run_bench(model, folder, args.prompt_len, ints(args.lengths), ints(args.budgets),
                        ints(args.batches), systems, args.repeats, args.kvpress_python,
                        log=print if first else lambda line: None, competing=args.competing)

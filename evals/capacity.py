@@ -5,13 +5,16 @@ one sequence's cache is measured (a full cache's at its longest, prompt plus eve
 fixed), and the batch is the cap over it. The batch is a serving mix: prompts of mixed lengths (half to all of
 ``prompt_len`` tokens, left-padded), sampled (temperature 0.7, top-p 0.95). Reported per row: the batch, the
 cache it holds, aggregate generated tokens per second, time per step (median and 99th percentile) and the
-process's peak resident memory. ``momentkv bench --kv-caps ...`` runs it.
+process's peak resident memory while the row ran (weights included; what earlier rows freed handed back first).
+kvpress's decoding press (``kvpress-i1``, ``kvpress-i16``: StreamingLLM compressing back to the prompt and the
+budget every 1 or 16 steps) runs in its own environment and process, one sequence at a time: it keeps no padding
+mask through compression, so a serving mix cannot be batched; its row says how many would fit.
+``momentkv bench --kv-caps ...`` runs it.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from statistics import median, quantiles
 from typing import Any
 
 import torch
@@ -21,11 +24,13 @@ import momentkv
 from momentkv.evals.fidelity import SAMPLING
 from momentkv.patching import GENERATE_CACHE_ARG
 
-from .bench import _compile_config, compile_mode
+from .bench import _compile_config, compile_mode, kvpress_interval, run_system
 from .provenance import versions
 from .step_timer import StepTimer, held_bytes
 
-SYSTEMS = ("full-dynamic", "full-static-compiled", "momentkv-eager", "momentkv-compiled", "momentkv-cudagraphs")
+SYSTEMS = ("full-dynamic", "full-static-compiled", "momentkv-eager", "momentkv-compiled", "momentkv-cudagraphs",
+           "kvpress-i1", "kvpress-i16")
+BUDGETED = ("momentkv", "kvpress")  # systems run at every budget
 MiB = 2**20
 
 
@@ -59,10 +64,13 @@ def _generate(system: str, model, ids, mask, new_tokens: int, timer: StepTimer |
     return getattr(generate(**kwargs, **compile_options), GENERATE_CACHE_ARG)
 
 
-def sequence_bytes(system: str, model, prompt_len: int, new_tokens: int) -> int:
+def sequence_bytes(system: str, model, prompt_len: int, new_tokens: int, budget: int | None = None) -> int:
     """One sequence's cache at its largest, measured, every layer counted (``held_bytes``): a dynamic cache grows by
     the same bytes per token once its sliding layers are full, so two short generations after a prompt at least a
-    window long give it at ``prompt_len + new_tokens`` tokens; a static cache and momentkv's are allocated whole."""
+    window long give it at ``prompt_len + new_tokens`` tokens; a static cache and momentkv's are allocated whole;
+    kvpress's decoding press holds the prompt, ``budget`` and its interval's tokens before it compresses."""
+    if system.startswith("kvpress"):  # a dynamic cache compressed back to prompt + budget every interval steps
+        return sequence_bytes("full-dynamic", model, prompt_len, budget + kvpress_interval(system) + 1)
     ids, mask = mixed_prompts(1, prompt_len, model.config.vocab_size)
     mask = torch.ones_like(mask)
     if system != "full-dynamic":
@@ -85,31 +93,53 @@ def run_row(system: str, model, batch: int, prompt_len: int, new_tokens: int) ->
     timer = StepTimer(ids.device)
     torch.manual_seed(0)
     cache = _generate(system, model, ids, mask, new_tokens, timer, **SAMPLING)
-    steps = [b - a for a, b in zip(timer.times, timer.times[1:])]
-    return dict(batch=batch, cache_bytes=held_bytes(cache),
-                tokens_per_second=batch * len(steps) / (timer.times[-1] - timer.times[0]),
-                step_ms_median=1e3 * median(steps), step_ms_p99=1e3 * quantiles(steps, n=100)[98],
-                rss_peak_bytes=timer.rss_peak)
+    return dict(_measured(timer.summary(batch)), batch=batch, cache_bytes=held_bytes(cache))
+
+
+def _measured(summary: dict) -> dict:
+    return {key: summary[key] for key in ("tokens_per_second", "step_ms_median", "step_ms_p99", "rss_peak_bytes")}
+
+
+def run_kvpress_row(system: str, model, prompt_len: int, new_tokens: int, budget: int, kvpress_python: str | None,
+                    model_folder: str | None) -> dict[str, Any]:
+    """kvpress's decoding press on one sequence of ``prompt_len`` tokens, sampled, in its own process (its peak
+    resident memory is that process's)."""
+    ids = torch.zeros(1, prompt_len, dtype=torch.long, device=model.device)
+    out = run_system(system, model, ids, new_tokens, budget, kvpress_python, model_folder, sampling=SAMPLING)
+    if "error" in out:
+        raise RuntimeError(f"{system}: {out['error']}")
+    return dict(_measured(out), batch=1, cache_bytes=out["kv_bytes"])
 
 
 def run_capacity(model, caps: list[int], prompt_len: int, new_tokens: int, budgets: list[int], systems: list[str],
-                 max_batch: int, log=print, save=lambda result: None) -> dict[str, Any]:
-    """Every system at every cap (bytes), momentkv at every budget; rows in the order run. ``save`` is given the
-    result after every row (a long run stopped early keeps what it measured)."""
+                 max_batch: int, log=print, save=lambda result: None, kvpress_python: str | None = None,
+                 model_folder: str | None = None) -> dict[str, Any]:
+    """Every system at every cap (bytes), momentkv and kvpress at every budget; rows in the order run. ``save`` is
+    given the result after every row (a long run stopped early keeps what it measured). kvpress's rows need
+    ``kvpress_python`` and the model's ``model_folder``."""
+    if any(s.startswith("kvpress") for s in systems):
+        text = model.config.get_text_config(decoder=True)
+        if set(getattr(text, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+            raise ValueError("systems: kvpress's rows at a cap are sized for models whose layers all attend in full; "
+                             f"{model.config.model_type} has {sorted(set(text.layer_types))}")
     found = versions()  # before measuring: the code that runs is the code recorded
     rows: list[dict] = []
     result = dict(model=model.config.model_type, dtype=str(model.dtype), threads=torch.get_num_threads(),
                   prompt_len=prompt_len, new_tokens=new_tokens, max_batch=max_batch, versions=found, rows=rows)
-    runs = [(s, None) for s in systems if not s.startswith("momentkv")]
-    runs += [(s, b) for b in budgets for s in systems if s.startswith("momentkv")]
+    runs = [(s, None) for s in systems if not s.startswith(BUDGETED)]
+    runs += [(s, b) for b in budgets for s in systems if s.startswith(BUDGETED)]
     for system, budget in runs:
-        with momentkv.patched(model, budget=budget) if budget else nullcontext():
-            per_sequence = sequence_bytes(system, model, prompt_len, new_tokens)
+        with momentkv.patched(model, budget=budget) if system.startswith("momentkv") else nullcontext():
+            per_sequence = sequence_bytes(system, model, prompt_len, new_tokens, budget)
             for cap in caps:
                 fits = cap // per_sequence
-                row = dict(system=system, budget=budget, cap_bytes=cap, sequence_bytes=per_sequence,
-                           fits=fits, batch_capped=fits > max_batch)
-                if fits:
+                one_at_a_time = system.startswith("kvpress")
+                row = dict(system=system, budget=budget, cap_bytes=cap, sequence_bytes=per_sequence, fits=fits,
+                           batch_capped=fits > (1 if one_at_a_time else max_batch), one_at_a_time=one_at_a_time)
+                if fits and one_at_a_time:
+                    row.update(run_kvpress_row(system, model, prompt_len, new_tokens, budget, kvpress_python,
+                                               model_folder))
+                elif fits:
                     row.update(run_row(system, model, min(fits, max_batch), prompt_len, new_tokens))
                 rows.append(row)
                 log(format_row(row))
@@ -127,6 +157,8 @@ def format_row(row: dict) -> str:
     if not row["fits"]:
         return f"| {head} | no sequence fits | | | | |"
     batch = f"{row['batch']}" + (f" (of {row['fits']})" if row["batch_capped"] else "")
+    if row.get("one_at_a_time"):
+        batch += ", one at a time"
     return (f"| {head} | {batch} | {row['cache_bytes'] / MiB:,.0f} MiB | {row['tokens_per_second']:.1f} | "
             f"{row['step_ms_median']:.0f} / {row['step_ms_p99']:.0f} | {row['rss_peak_bytes'] / MiB:,.0f} MiB |")
 

@@ -2,7 +2,8 @@
 
 Runs in kvpress's own environment (kvpress 0.5.5 needs transformers < 5.3): imports only
 torch, transformers, kvpress and the dependency-free ``step_timer`` beside this file.
-Usage: python kvpress_runner.py '<json: model, prompt_len, new_tokens, batch, target, interval, dtype, device>'
+Usage: python kvpress_runner.py '<json: model, prompt_len, new_tokens, batch, target, interval, dtype, device,
+sampling (optional: generate's sampling options; greedy without)>'
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ def main(args: dict) -> dict:
     press = DecodingPress(base_press=StreamingLLMPress(n_sink=4), compression_interval=args["interval"],
                           target_size=args["target"])
     timer = StepTimer(device)
+    torch.manual_seed(0)
     with press(model):
         out = model.generate(input_ids=ids, max_new_tokens=args["new_tokens"], min_new_tokens=args["new_tokens"],
-                             do_sample=False, stopping_criteria=StoppingCriteriaList([timer]),
-                             return_dict_in_generate=True, pad_token_id=0)
+                             **args.get("sampling", dict(do_sample=False)),
+                             stopping_criteria=StoppingCriteriaList([timer]), return_dict_in_generate=True,
+                             pad_token_id=0)
     return dict(timer.summary(args["batch"]), kv_bytes=kv_bytes(out.past_key_values))
 
 

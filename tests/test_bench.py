@@ -81,6 +81,28 @@ def test_a_result_records_the_openmp_settings_it_ran_under(monkeypatch):
     assert found["OMP_WAIT_POLICY"] == "PASSIVE" and "OMP_NUM_THREADS" not in found
 
 
+def test_a_runs_peak_memory_is_its_own_and_counts_what_a_step_held(tmp_path):
+    """A row's peak RSS (capacity, bench) is the peak while it ran: memory held and freed inside a step counts (a
+    batched step's temporaries), memory an earlier row held and freed does not."""
+    import torch
+
+    from momentkv.evals.step_timer import StepTimer
+
+    big = 256 * 2**20
+
+    def hold_and_free():
+        torch.ones(big // 4).sum()  # written, so resident
+
+    hold_and_free()  # an earlier row's peak
+    timer = StepTimer(torch.device("cpu"))
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    timer(ids, None)
+    assert timer.rss_peak < timer.rss_start + big // 2, "an earlier run's peak counted"
+    hold_and_free()  # inside a step
+    timer(ids, None)
+    assert timer.rss_peak >= timer.rss_start + big * 3 // 4, "memory held within a step missed"
+
+
 def test_capacity_runs_the_largest_batch_each_cache_fits(tmp_path):
     """Throughput at a memory cap (evals/capacity.py): one sequence's cache measured (the dynamic cache extrapolated
     to its longest), the batch the cap over it, mixed-length prompts sampled."""

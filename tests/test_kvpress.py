@@ -142,3 +142,26 @@ def test_a_kvpress_press_at_a_ratio_answers_as_momentkv_keeping_the_same_prompt_
     assert answers[0] == answers[1]
     full = MomentKVLM(budget=256, dtype="float32").generate_until([request], disable_tqdm=True)
     assert full != answers[1]
+
+
+@needs_kvpress
+def test_kvpress_decoding_press_at_a_cap_runs_one_sequence_holding_at_most_its_measured_bytes(tmp_path):
+    """The throughput table's kvpress row (evals/capacity.py): its cache, a dynamic one compressed back to the
+    prompt and the budget every interval steps, is sized at its largest; it runs one sequence, sampled, in its own
+    process, and says so."""
+    from momentkv.evals.capacity import format_table, run_capacity
+
+    model = build_tiny("llama", tmp_path)
+    one_token = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x heads x dim x fp32
+    prompt, budget, interval = 40, 6, 16
+    result = run_capacity(model, [4 * one_token * (prompt + budget + interval)], prompt_len=prompt, new_tokens=48,
+                          budgets=[budget], systems=["kvpress-i16"], max_batch=8, log=lambda line: None,
+                          kvpress_python=KVPRESS_PYTHON, model_folder=str(tmp_path))
+    (row,) = result["rows"]
+    assert row["sequence_bytes"] == one_token * (prompt + budget + interval)
+    assert (row["fits"], row["batch"], row["one_at_a_time"]) == (4, 1, True)
+    assert one_token * (prompt + budget) <= row["cache_bytes"] <= row["sequence_bytes"]
+    assert row["tokens_per_second"] > 0 and row["step_ms_p99"] >= row["step_ms_median"] > 0
+    assert "1 (of 4), one at a time" in format_table(result)
+    with pytest.raises(ValueError, match="attend in full"):
+        run_capacity(build_tiny("gemma3", tmp_path / "gemma3"), [one_token], 40, 8, [budget], ["kvpress-i16"], 8)
