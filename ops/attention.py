@@ -17,11 +17,18 @@ from torch import Tensor
 from .signature import define
 
 
+# Compiled, a product of fewer multiply-adds than this is fused (SmolLM2's query against 577 slots: 332k at batch 1).
+FUSED_PRODUCT_BELOW = 2**20
+
+
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for the decode shapes (a few queries per head). Compiled (the fused CPU kernel), inductor
-    lowers a matmul to a BLAS call of ~18 us, more than the product itself; as a broadcast product and sum
-    it fuses into the loops around it. Eager, the matmul: the broadcast would materialise [.., M, K, N]."""
-    if torch.compiler.is_compiling():
+    """``a @ b`` for the decode shapes (a few queries per head). Compiled, a small product is written as a broadcast
+    product and sum, which fuses into the loops around it (inductor lowers a matmul to a BLAS call of ~18 us, more
+    than a batch-1 product). A larger one is a matmul: inductor stores a BLAS call's inputs, where fused into the
+    model's graph it recomputed the query's rotary embedding (cos and sin) for every slot, inductor counting neither
+    as worth storing on CPU (SmolLM2, batch 64: 416 against 321 ms a compiled step; the eager op as fast either way).
+    Eager, the matmul: the broadcast would materialise [.., M, K, N]."""
+    if torch.compiler.is_compiling() and a.numel() * b.shape[-1] < FUSED_PRODUCT_BELOW:
         return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
     return torch.matmul(a, b)
 

@@ -149,6 +149,32 @@ def test_a_small_step_does_not_wait_on_thread_barriers():
     assert code.count("#pragma omp for") <= 2, code.count("#pragma omp for")
 
 
+@pytest.mark.parametrize("batch, to_blas", [(1, False), (4, True)])
+def test_a_large_compiled_product_leaves_the_query_stored(batch, to_blas):
+    """Traced into a model's graph, the step's query arrives as an expression (its rotary embedding: cos and sin of
+    the position). Fused into the logits' loop, inductor recomputed it for every slot, counting neither cos nor sin as
+    worth storing on CPU (SmolLM2 at batch 64: 416 against 321 ms a compiled step). A product of at least
+    ``FUSED_PRODUCT_BELOW`` multiply-adds is a BLAS call, whose query inductor stores; a batch-1 product stays fused."""
+    from torch._inductor.utils import run_and_get_code
+
+    values = decode_values(batch=batch)  # the logits' product: batch x 332k multiply-adds
+    query = values.pop("query")
+    body = kernels.REFERENCES["decode_step"]
+
+    def step(raw: torch.Tensor, position: torch.Tensor, values: dict) -> torch.Tensor:
+        angle = position * torch.arange(1, 65, dtype=torch.float32) / 64
+        return body(query=raw * angle.cos() + raw.roll(32, -1) * angle.sin(), **values)
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, code = run_and_get_code(torch.compile(step, fullgraph=True, dynamic=False), query, torch.tensor(7.0),
+                                   values)
+    code = "\n".join(code)
+    assert ("bmm" in code) == to_blas
+    if to_blas:  # the rotary embedding stored once, then read: no kernel evaluates it a second time
+        assert code.count(".cos()") == 1, code.count(".cos()")
+
+
 def test_a_kernel_follows_the_thread_count(monkeypatch):
     """Inductor writes a thread count other than the machine's core count into the C++: a kernel compiled before
     ``torch.set_num_threads`` would keep the old count, so the count is part of what a kernel is compiled for."""
