@@ -24,9 +24,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-PRESSES = ("streamingllm", "streamingllm-ordered", "tova", "keydiff", "knorm")
-
-
 def _beside(name: str):
     """The module ``name``.py beside this file, loaded by path (not through momentkv's package)."""
     spec = importlib.util.spec_from_file_location(f"momentkv_{name}", Path(__file__).with_name(f"{name}.py"))
@@ -34,6 +31,15 @@ def _beside(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+# Decoding presses: every scorer kvpress_generate.py names (AdaKV's wrappers included) inside DecodingPress, and
+# StreamingLLM with its slots in time order. But SnapKV and PyramidKV: they score by the attention of the last 64
+# queries, and DecodingPress hands them its buffer of recent hidden states, one at the first step (kvpress 0.5.5
+# asserts "Query length 1 should be greater than the window size 64").
+GENERATE = _beside("kvpress_generate")
+QUERY_WINDOW = ("snapkv", "pyramidkv")
+PRESSES = (*(p for p in GENERATE.PRESSES if p.removeprefix("adakv-") not in QUERY_WINDOW), "streamingllm-ordered")
 
 
 def _time_ordered_streamingllm():
@@ -53,24 +59,25 @@ def _time_ordered_streamingllm():
 
 
 def _press(name: str, target_size: int):
+    """kvpress's decoding press around the scorer ``name``, compressing back to ``target_size`` every step."""
     import kvpress
 
-    base = {"streamingllm": lambda: kvpress.StreamingLLMPress(n_sink=4), "streamingllm-ordered": _time_ordered_streamingllm,
-            "tova": kvpress.TOVAPress, "keydiff": kvpress.KeyDiffPress, "knorm": kvpress.KnormPress}[name]()
+    base = (_time_ordered_streamingllm() if name == "streamingllm-ordered"
+            else GENERATE.make_press(name, 0.0))
     return kvpress.DecodingPress(base_press=base, compression_interval=1, target_size=target_size)
 
 
 def main(args: dict) -> dict:
     torch.set_num_threads(args.get("threads", torch.get_num_threads()))
-    fidelity, presses = _beside("fidelity"), _beside("kvpress_generate")
+    fidelity = _beside("fidelity")
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32).eval()
     data = torch.load(args["inputs"])
     top1, kl = [], []
     for prompt, reference, logprobs, top in zip(data["prompts"], data["reference"], data["logprobs"], data["top"]):
         ids = prompt[None]
         press = (_press(args["press"], ids.shape[1] + args["budget"]) if args.get("ratio") is None
-                 else presses.make_press(args["press"], args["ratio"]))
-        press = presses.sliding_layers_kept(press)
+                 else GENERATE.make_press(args["press"], args["ratio"]))
+        press = GENERATE.sliding_layers_kept(press)
         with press(model):
             out = fidelity.stream(model, ids, torch.ones_like(ids), reference[None], logprobs[None])
         top1.append((out.predicted[0] == top).float().mean().item())
@@ -85,7 +92,7 @@ def kvpress_rows(python: str, model: str, press: str, budget: int, prompts: list
     ``budget`` decode slots beyond each prompt (or, given ``ratio``, of the prefill press compressing each prompt at
     that ratio, nothing evicted after), run by ``python`` (an environment with kvpress 0.5.5) along the full-cache
     ``reference`` tokens."""
-    known = PRESSES if ratio is None else _beside("kvpress_generate").PRESSES
+    known = PRESSES if ratio is None else GENERATE.PRESSES
     if press not in known:
         raise ValueError(f"press: unknown {press!r}{'' if ratio is None else ' prefill press'}; known: {', '.join(known)}")
     with tempfile.TemporaryDirectory() as folder:

@@ -6,6 +6,7 @@ Needs a Python with kvpress 0.5.5 (transformers < 5.3) in ``$KVPRESS_PYTHON``; `
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 import momentkv
 from momentkv.evals.fidelity import full_cache_reference, stream
-from momentkv.evals.kvpress_fidelity import kvpress_rows
+from momentkv.evals.kvpress_fidelity import PRESSES, kvpress_rows
 from momentkv.evals.methods import method
 
 from conftest import build_tiny, left_padded_batch
@@ -58,6 +59,17 @@ def test_shipped_streamingllm_loses_track_of_its_sinks(reference):
     ordered = kvpress_rows(KVPRESS_PYTHON, folder, "streamingllm-ordered", BUDGET, list(ids), tokens, logprobs, tokens)
     shipped = kvpress_rows(KVPRESS_PYTHON, folder, "streamingllm", BUDGET, list(ids), tokens, logprobs, tokens)
     assert shipped["kl_rows"] != pytest.approx(ordered["kl_rows"], rel=1e-3)
+
+
+@needs_kvpress
+@pytest.mark.parametrize("press", PRESSES)
+def test_every_decoding_press_runs_at_a_budget_and_evicts(reference, press):
+    """Each scorer the decoding-time table runs inside kvpress's DecodingPress (AdaKV's wrappers included): it
+    runs, stays finite, and at this budget changes the next-token distribution."""
+    _, folder, ids, _, tokens, logprobs = reference
+    rows = kvpress_rows(KVPRESS_PYTHON, folder, press, BUDGET, list(ids), tokens, logprobs, tokens)
+    assert all(0 <= top1 <= 1 for top1 in rows["top1_rows"])
+    assert all(math.isfinite(kl) for kl in rows["kl_rows"]) and max(rows["kl_rows"]) > 1e-4
 
 
 @needs_kvpress
