@@ -11,6 +11,7 @@ Usage: python kvpress_generate.py '<json: model, press, compression_ratio, dtype
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from typing import Any
@@ -39,14 +40,32 @@ def make_press(name: str, compression_ratio: float) -> Any:
     return kvpress.AdaKVPress(press=press) if name != scorer else press
 
 
+class _LayerTypedRotary(torch.nn.Module):
+    """A rotary embedding that needs the layer's type (Gemma 3's: sliding or full), called as one that does not."""
+
+    def __init__(self, rotary: torch.nn.Module, layer_type: str) -> None:
+        super().__init__()
+        self.rotary, self.layer_type = rotary, layer_type
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(x, position_ids, layer_type=self.layer_type)
+
+
 def sliding_layers_kept(press: Any) -> Any:
     """``press`` leaving layers with a sliding window alone: kvpress does so for Gemma 3 in its multimodal class
     (base_press.py) but hooks every layer of the text-only one, whose sliding layers keep a window cache of their
-    own. momentkv budgets the full-attention layers only, so both compress the same layers."""
+    own. momentkv budgets the full-attention layers only, so both compress the same layers. A press that rotates
+    a query itself (ExpectedAttention) calls the model's rotary embedding without the layer's type, which Gemma 3's
+    needs: it gets the compressed layer's."""
     hook = press.forward_hook
 
     def forward_hook(module: Any, args: Any, kwargs: dict, output: Any) -> Any:
-        return output if getattr(module, "is_sliding", False) else hook(module, args, kwargs, output)
+        if getattr(module, "is_sliding", False):
+            return output
+        rotary = getattr(module, "rotary_emb", None)
+        if rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters:
+            module.rotary_emb = _LayerTypedRotary(rotary, module.config.layer_types[module.layer_idx])
+        return hook(module, args, kwargs, output)
 
     press.forward_hook = forward_hook
     return press

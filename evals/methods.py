@@ -103,6 +103,11 @@ VARIANTS = (
     Method("momentkv-open-carry10", "momentkv's defaults since issue 25: momentkv-open with prefill_carry=10, each "
            "prompt token's prefill score the best of the 10 tokens before it (the value after a key the question "
            "names)", {**_UNPROTECTED, "prefill_carry": 10}),
+    Method("momentkv-open-carry10-w64", "the default with a 64-token recent window (at prefill compression, the "
+           "window the vote's choice starts after; the default is max(budget, 64) capped at 7/8 of the prefill "
+           "budget)", {**_UNPROTECTED, "prefill_carry": 10, "recent_window": 64}),
+    Method("momentkv-open-carry10-w0", "the default without a recent window: past the sinks, the vote alone "
+           "chooses the prompt tokens kept", {**_UNPROTECTED, "prefill_carry": 10, "recent_window": 0}),
     Method("momentkv-vote0", "momentkv with each layer and head choosing its prompt tokens alone (prefill_vote=0, "
            "SnapKV-style: the default before the vote)", dict(**_ALONE, **_KEPT)),
     Method("momentkv-open-vote0", "momentkv-open with each layer and head choosing its prompt tokens alone",

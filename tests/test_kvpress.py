@@ -14,7 +14,7 @@ import torch
 
 import momentkv
 from momentkv.evals.fidelity import full_cache_reference, stream
-from momentkv.evals.kvpress_fidelity import PRESSES, kvpress_rows
+from momentkv.evals.kvpress_fidelity import GENERATE, PRESSES, kvpress_rows
 from momentkv.evals.methods import method
 
 from conftest import build_tiny, left_padded_batch
@@ -177,3 +177,24 @@ def test_kvpress_decoding_press_at_a_cap_runs_one_sequence_holding_at_most_its_m
     assert "1 (of 4), one at a time" in format_table(result)
     with pytest.raises(ValueError, match="attend in full"):
         run_capacity(build_tiny("gemma3", tmp_path / "gemma3"), [one_token], 40, 8, [budget], ["kvpress-i16"], 8)
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gemma3")
+    model = build_tiny("gemma3", folder)
+    ids, mask = left_padded_batch((80,), seed=3)  # SnapKV scores with a 64-query window
+    tokens, logprobs = full_cache_reference(model, ids, mask, NEW_TOKENS)
+    return str(folder), list(ids), tokens, logprobs
+
+
+@needs_kvpress
+@pytest.mark.parametrize("press,ratio", [*((p, 0.5) for p in GENERATE.PRESSES), *((p, None) for p in PRESSES)])
+def test_every_press_runs_on_gemma3(gemma3, press, ratio):
+    """Gemma 3's rotary embedding needs the layer's type (sliding or full), which kvpress's presses that rotate a
+    query themselves (ExpectedAttention's expected query) do not pass: each press, at a ratio and decoding at a
+    budget, compresses Gemma 3's full-attention layers and changes the answer."""
+    folder, ids, tokens, logprobs = gemma3
+    rows = kvpress_rows(KVPRESS_PYTHON, folder, press, BUDGET, ids, tokens, logprobs, tokens, ratio=ratio)
+    assert len(rows["kl_rows"]) == 1 and all(math.isfinite(k) for k in rows["kl_rows"])
+    assert rows["kl_rows"][0] > 0
