@@ -108,6 +108,10 @@ VARIANTS = (
            "budget)", {**_UNPROTECTED, "prefill_carry": 10, "recent_window": 64}),
     Method("momentkv-open-carry10-w0", "the default without a recent window: past the sinks, the vote alone "
            "chooses the prompt tokens kept", {**_UNPROTECTED, "prefill_carry": 10, "recent_window": 0}),
+    Method("momentkv-open-carry10-obs1", "the default scoring the prompt by its last token's attention alone "
+           "(observation_window=1, as TOVA)", {**_UNPROTECTED, "prefill_carry": 10, "observation_window": 1}),
+    Method("momentkv-open-carry10-vote0", "the default with each layer and head choosing its prompt tokens alone "
+           "(prefill_vote=0)", {**_UNPROTECTED, "prefill_carry": 10, **_ALONE}),
     Method("momentkv-vote0", "momentkv with each layer and head choosing its prompt tokens alone (prefill_vote=0, "
            "SnapKV-style: the default before the vote)", dict(**_ALONE, **_KEPT)),
     Method("momentkv-open-vote0", "momentkv-open with each layer and head choosing its prompt tokens alone",
