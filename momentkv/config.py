@@ -82,6 +82,11 @@ class MomentKVConfig:
     sinks: leading prompt tokens never evicted when prompt tokens can be evicted.
     prefill_budget: if set, prompts longer than this are compressed at prefill to
         this many slots (SnapKV-style scoring over the last ``observation_window`` queries).
+    prefill_window: the newest prompt tokens kept at prefill compression before the scores choose (capped as
+        ``recent_window`` is); None (default): ``recent_window``. Set apart from the decode window because the
+        decode window's size, the whole decode budget by default, can crowd the vote out: at decode budget 256 and
+        prefill budget 256 it took 221 of the 252 choosable slots, and 64 lowered the long prompts' KL by a third
+        there (docs/results.md). Needs a ``prefill_budget``.
     observation_window: prompt queries used to score prompt tokens.
     prefill_vote: weight, in [0, 1], of a model-wide vote in each layer's prefill selection. The vote
         is the prompt-token scores of the budgeted layers from ``vote_depth`` of the depth on, each head's
@@ -111,6 +116,7 @@ class MomentKVConfig:
     protect_prompt: bool = False
     sinks: int = 4
     prefill_budget: int | None = None
+    prefill_window: int | None = None
     observation_window: int = 32
     prefill_vote: float = 1.0
     vote_depth: float = 0.4
@@ -144,6 +150,11 @@ class MomentKVConfig:
         _check_int("prefill_carry", self.prefill_carry, 0)
         if self.prefill_budget is not None:
             _check_int("prefill_budget", self.prefill_budget, self.sinks + 1)
+        if self.prefill_window is not None:
+            _check_int("prefill_window", self.prefill_window, 0)
+            if self.prefill_budget is None:
+                raise ValueError(f"prefill_window={self.prefill_window} needs a prefill_budget (it sizes the window "
+                                 "of the prefill compression, which only a prefill_budget turns on)")
         _check_choice("scope", self.scope, SCOPES)
         _check_int("prompt_bucket", self.prompt_bucket, 1)
         _check_int("seed", self.seed, 0, 2**31 - 1)
@@ -169,6 +180,11 @@ class MomentKVConfig:
     @property
     def corrected(self) -> bool:
         return self.correction == "moments"
+
+    @property
+    def prefill_recent(self) -> int:
+        """The newest prompt tokens the prefill selection keeps first (before its cap)."""
+        return self.recent_window if self.prefill_window is None else self.prefill_window
 
     def prompt_slots(self, prompt_len: int) -> int:
         """Prompt region size for a prompt of ``prompt_len`` tokens (bucketed, capped by the prefill budget)."""

@@ -176,10 +176,11 @@ def _check_bounds(config: MomentKVConfig, context: int | None) -> None:
     """No option may size anything beyond the model's context."""
     if context is None:
         return
-    for name in ("budget", "prefill_budget", "prompt_bucket", "observation_window", "sinks", "recent_window"):
+    for name in ("budget", "prefill_budget", "prompt_bucket", "observation_window", "sinks", "recent_window",
+                 "prefill_window"):
         value = getattr(config, name)
         if value is not None and value > context:
-            low = 0 if name in ("sinks", "recent_window") else 1
+            low = 0 if name in ("sinks", "recent_window", "prefill_window") else 1
             raise ValueError(f"{name} must be an int in [{low}, {context}] (the model's context), got {value}")
 
 

@@ -250,7 +250,7 @@ class BudgetedLayer(CacheLayerMixin):
         valid = pending.key_valid[:, None, :].expand(b, h, length)
         positions = torch.arange(length, device=keys.device).expand(b, h, length)
         if pending.score is not None:
-            keep = select_prompt(pending.score, valid, p, cfg.sinks, cfg.recent_window, cfg.prefill_vote, model_vote)
+            keep = select_prompt(pending.score, valid, p, cfg.sinks, cfg.prefill_recent, cfg.prefill_vote, model_vote)
             if cfg.corrected:
                 dropped = valid & ~torch.zeros_like(valid).scatter_(-1, keep, True)
                 merge_set(st.n, st.mu_k, st.mu_v, st.comoment, keys, values, dropped)

@@ -133,11 +133,12 @@ def test_flags_that_would_give_less_than_asked_are_refused(tiny_model, flags, me
             greedy(model, ids, mask, **flags)
 
 
-@pytest.mark.parametrize("option", ["prefill_budget", "prompt_bucket", "observation_window", "sinks"])
+@pytest.mark.parametrize("option", ["prefill_budget", "prompt_bucket", "observation_window", "sinks", "prefill_window"])
 def test_no_option_sizes_anything_beyond_the_models_context(tiny_model, option):
     model = tiny_model("llama")  # context 256
+    needs = {"prefill_budget": 64} if option == "prefill_window" else {}
     with pytest.raises(ValueError, match=rf"{option} must be an int in \[\d, 256\]"):
-        momentkv.patch(model, budget=8, **{option: 257})
+        momentkv.patch(model, budget=8, **{option: 257}, **needs)
     assert not hasattr(model, "_momentkv")
 
 

@@ -133,6 +133,32 @@ def test_prefill_window_leaves_the_vote_a_choice(tiny_model, protect_prompt):
     assert not (capped[..., 2] == ids.shape[1] - 10).all(), "the vote chose exactly StreamingLLM's token everywhere"
 
 
+def test_prefill_window_sets_the_prefill_selections_window_alone(tiny_model):
+    """prefill_window: the prefill selection keeps the newest ``prefill_window`` prompt tokens, as a decode window
+    of that size would, while decoding keeps its own ``recent_window`` (the long prompts at ratio 0.875: the decode
+    window of 256 took 221 of the 252 choosable prefill slots, docs/results.md)."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(lengths=(30, 24, 20))
+
+    def prompt_kept(**window):
+        with momentkv.patched(model, budget=12, prefill_budget=12, sinks=2, prompt_bucket=4, **window):
+            greedy(model, ids, mask, 1)
+            state = momentkv.state_of(model)
+            layers = state.cache.budgeted_layers
+            kept = torch.stack([layer.state.positions[..., :12].sort(-1).values for layer in layers])
+            return kept, state.config.step_settings().recent_window
+
+    narrow, decode_window = prompt_kept(recent_window=9, prefill_window=2)
+    assert decode_window == 9
+    assert torch.equal(narrow, prompt_kept(recent_window=2)[0])
+    assert not torch.equal(narrow, prompt_kept(recent_window=9)[0])
+
+
+def test_prefill_window_without_a_prefill_budget_is_refused():
+    with pytest.raises(ValueError, match="prefill_window=8 needs a prefill_budget"):
+        momentkv.MomentKVConfig(budget=16, prefill_window=8)
+
+
 @pytest.mark.parametrize("arch, alone_differ", [("llama", True), ("gemma3", False)])
 def test_prefill_vote_shares_the_prompt_selection(tiny_model, arch, alone_differ):
     """prefill_vote=1: every budgeted layer and head keeps the same prompt tokens (the deeper layers'
