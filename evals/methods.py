@@ -110,6 +110,8 @@ VARIANTS = (
            "chooses the prompt tokens kept", {**_UNPROTECTED, "prefill_carry": 10, "recent_window": 0}),
     Method("momentkv-open-carry10-obs1", "the default scoring the prompt by its last token's attention alone "
            "(observation_window=1, as TOVA)", {**_UNPROTECTED, "prefill_carry": 10, "observation_window": 1}),
+    Method("momentkv-open-carry10-obs1-w64", "momentkv-open-carry10-obs1 with a 64-token recent window",
+           {**_UNPROTECTED, "prefill_carry": 10, "observation_window": 1, "recent_window": 64}),
     Method("momentkv-open-carry10-vote0", "the default with each layer and head choosing its prompt tokens alone "
            "(prefill_vote=0)", {**_UNPROTECTED, "prefill_carry": 10, **_ALONE}),
     Method("momentkv-vote0", "momentkv with each layer and head choosing its prompt tokens alone (prefill_vote=0, "

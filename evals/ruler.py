@@ -60,6 +60,8 @@ METHODS: dict[str, dict[str, Any] | None] = {
     # the default with a 64-token window at prefill (the decode budget's 128 by default): the window crowded the
     # vote out of the long prompts' selection at ratio 0.875 (docs/results.md)
     "momentkv-carry10-w64": {"prefill_carry": 10, "recent_window": 64},
+    # the prompt scored by its last token's attention alone (as TOVA), which closed most of TOVA's lead at ratio 0.5
+    "momentkv-carry10-obs1": {"prefill_carry": 10, "observation_window": 1},
 }
 KVPRESS = {f"kvpress-{press}": press for press in PRESSES}  # kvpress's prefill presses, in kvpress's environment
 RATIOS_DEFAULT = "0.25,0.5,0.75,0.875"  # kvpress's leaderboard
