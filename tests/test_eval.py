@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from unittest import mock
 
 import pytest
 import torch
@@ -248,6 +249,21 @@ def test_the_headline_labels_the_default_from_the_configuration():
 
     assert momentkv_label("momentkv-open", 64) == "momentkv, prompt tokens compete (default)"
     assert momentkv_label("momentkv", 64) == "momentkv, prompt kept"
+
+
+def test_a_headline_is_drawn_along_sampled_text_where_greedy_text_was_not_run(tmp_path):
+    """A base model's greedy text loops (Gemma 3 270M's does on the long prompts), so its long generation runs along
+    sampled text: the headline picture is drawn from that workload, and says so."""
+    from momentkv.evals import report
+
+    results = Results(tmp_path / "fidelity.json")
+    for name, kl in (("full", 0.0), ("momentkv-open", 0.1), ("kvpress-tova", 0.3)):
+        results.add(f"long-generation-sampled/{name}/32", dict(top1=1 - kl, kl=kl, cache_tokens=80, budget=32))
+    titles = []
+    with mock.patch("matplotlib.figure.Figure.suptitle", side_effect=lambda text, **_: titles.append(text)):
+        assert report.headline(results, tmp_path / "headline.png")
+    assert (tmp_path / "headline.png").read_bytes().startswith(b"\x89PNG")
+    assert "sampled" in titles[0]
 
 
 def test_figures_rebuilds_what_each_result_produces_and_nothing_else(tmp_path):
